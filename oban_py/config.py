@@ -1,0 +1,220 @@
+"""Configuration: one validated model fed by oban.toml, then the environment, then arguments.
+
+Later layers win key by key. Every key is checked (unknown keys are errors, with a suggestion for a
+near miss), and an error names the key, the value and where it came from: the TOML file's path,
+``env OBAN_...``, or ``arguments``. Every key is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from .errors import ConfigError
+from .worker import validate_queue
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10
+    import tomli as tomllib
+
+__all__ = ["Config", "QueueConfig", "load_config", "parse_queues"]
+
+DEFAULT_FILE = "oban.toml"
+_PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class QueueConfig(BaseModel):
+    """One queue on this node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Jobs this node runs at once from the queue.
+    limit: int = Field(default=10, ge=1, le=10_000)
+    #: Start paused (a pause/resume made at runtime is stored in the database and wins).
+    paused: bool = False
+
+
+class Config(BaseModel):
+    """Every setting of an Oban instance or runner. See docs/configuration.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dsn: str | None = None
+    prefix: str = "public"
+    node: str | None = None
+    queues: dict[str, QueueConfig] = Field(default_factory=dict)
+    modules: list[str] = Field(default_factory=list)
+    pool_size: int = Field(default=10, ge=1, le=1000)
+    notifier: Literal["listen", "poll"] = "listen"
+    poll_interval: float = Field(default=1.0, gt=0, le=3600)
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=3600)
+    rescue_after: float = Field(default=30.0, gt=0)
+    stage_interval: float = Field(default=1.0, gt=0, le=3600)
+    shutdown_timeout: float = Field(default=15.0, ge=0)
+    prune_after: float | None = Field(default=86_400.0, gt=0)
+    prune_interval: float = Field(default=60.0, gt=0)
+    leadership: bool = True
+    migrate: bool | None = None
+    max_args_bytes: int = Field(default=1024 * 1024, ge=1024)
+    insert_chunk_size: int = Field(default=5000, ge=1, le=50_000)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    embedded_dir: str | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _PREFIX_RE.match(value):
+            raise ValueError("must be a plain PostgreSQL identifier (letters, digits, _; at most 63 characters)")
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or len(value) > 255):
+            raise ValueError("must be a non-empty name of at most 255 characters")
+        return value
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _queues(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = parse_queues(value)
+        if not isinstance(value, Mapping):
+            raise ValueError("must be a table of queue = limit (or queue = {limit = n, ...})")
+        out: dict[str, Any] = {}
+        for name, spec in value.items():
+            try:
+                validate_queue(name, field=f"queues.{name}")
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if isinstance(spec, bool):
+                raise ValueError(f"queue {name!r}: give a limit (integer) or a table")
+            out[name] = {"limit": spec} if isinstance(spec, int) else spec
+        return out
+
+    @model_validator(mode="after")
+    def _intervals(self) -> Config:
+        if self.rescue_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"rescue_after ({self.rescue_after}) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}), or live nodes would be rescued"
+            )
+        return self
+
+
+def parse_queues(text: str) -> dict[str, int]:
+    """``"default:10,mail:5"`` -> ``{"default": 10, "mail": 5}`` (a bare name gets limit 10)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, limit = part.partition(":")
+        if not sep:
+            out[name.strip()] = 10
+            continue
+        try:
+            out[name.strip()] = int(limit)
+        except ValueError:
+            raise ValueError(f"queue {name.strip()!r}: limit {limit!r} is not an integer") from None
+    return out
+
+
+_ENV: dict[str, str] = {
+    "OBAN_DSN": "dsn",
+    "OBAN_PREFIX": "prefix",
+    "OBAN_NODE": "node",
+    "OBAN_QUEUES": "queues",
+    "OBAN_MODULES": "modules",
+    "OBAN_POOL_SIZE": "pool_size",
+    "OBAN_NOTIFIER": "notifier",
+    "OBAN_POLL_INTERVAL": "poll_interval",
+    "OBAN_SHUTDOWN_TIMEOUT": "shutdown_timeout",
+    "OBAN_LOG_LEVEL": "log_level",
+    "OBAN_LOG_FORMAT": "log_format",
+    "OBAN_EMBEDDED_DIR": "embedded_dir",
+}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for var, key in _ENV.items():
+        value = env.get(var)
+        if value is None or value == "":
+            continue
+        out[key] = [m.strip() for m in value.split(",") if m.strip()] if key == "modules" else value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
+    # Allow the settings to sit under an [oban] table too (handy in pyproject-style files).
+    if set(data) == {"oban"} and isinstance(data["oban"], dict):
+        data = data["oban"]
+    return data
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(Config.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_config(layers: list[tuple[str, Mapping[str, Any]]]) -> Config:
+    """Merge ``(source, values)`` layers (later wins) and validate, naming the source of a bad key."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source, values in layers:
+        for key, value in values.items():
+            if key not in Config.model_fields:
+                raise ConfigError(f"unknown key{_suggest(key)}", key=key, value=value, source=source)
+            merged[key] = value
+            origin[key] = source
+    try:
+        return Config.model_validate(merged)
+    except PydanticValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        top = loc[0] if loc else ""
+        key = ".".join(loc) or "config"
+        value: Any = merged.get(top) if top else None
+        for part in loc[1:]:
+            value = value.get(part) if isinstance(value, Mapping) else value
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        return_source = origin.get(top, "config")
+        raise ConfigError(message, key=key, value=value, source=return_source) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read ``path`` (or ./oban.toml if present), then ``OBAN_*`` env vars, then ``overrides``."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        file = Path(path)
+        layers.append((str(file), _read_toml(file)))
+    elif Path(DEFAULT_FILE).is_file():
+        layers.append((DEFAULT_FILE, _read_toml(Path(DEFAULT_FILE))))
+    env_values = _from_env(os.environ if env is None else env)
+    if env_values:
+        layers.append(("env", env_values))
+    if overrides:
+        layers.append(("arguments", {k: v for k, v in overrides.items() if v is not None}))
+    return build_config(layers)

@@ -1,0 +1,369 @@
+"""The Oban facade: lifecycle, inserting jobs, job and queue control.
+
+::
+
+    async with Oban(dsn, queues={"default": 10}) as oban:   # runs queues in this process
+        job = await oban.insert(SendEmail.new({"to": "a@example.com"}))
+
+Without ``queues`` an instance only inserts and controls jobs (a web app, a script). With no DSN
+(argument, ``OBAN_DSN`` or oban.toml) it starts the embedded PostgreSQL, which needs
+``pip install 'oban-py[embedded]'``.
+
+Started instances are registered by ``name`` (default ``"default"``); ``Worker.enqueue`` inserts through
+the default one, or the one named by the worker's ``oban=`` option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import asyncpg
+
+from . import _insert
+from .config import Config, build_config, load_config
+from .db.connect import create_pool
+from .db.driver import Driver
+from .db.migrate import current_version, latest_version, migrate, rollback
+from .db.rows import job_from_record
+from .embedded import masked_dsn
+from .errors import JobNotFound, MigrationError, ObanError, UniqueConflict, ValidationError
+from .job import Job
+from .runtime.executor import execute
+from .runtime.node import Node
+from .worker import spec_for, validate_queue
+
+__all__ = ["Oban", "resolve_dsn"]
+
+log = logging.getLogger("oban_py")
+
+
+def resolve_dsn(config: Config) -> tuple[str, bool]:
+    """The configured DSN, or the embedded server's (started or attached); second item: embedded?"""
+    if config.dsn:
+        return config.dsn, False
+    from .embedded import embedded_dsn
+
+    return embedded_dsn(config.embedded_dir), True
+
+
+class Oban:
+    """An engine instance: a connection pool, optionally queues running in this process."""
+
+    _instances: ClassVar[dict[str, Oban]] = {}
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: asyncpg.Pool | None = None,
+        queues: dict[str, Any] | str | None = None,
+        prefix: str | None = None,
+        node: str | None = None,
+        name: str = "default",
+        config: Config | None = None,
+        **options: Any,
+    ) -> None:
+        overrides = {"dsn": dsn, "queues": queues, "prefix": prefix, "node": node, **options}
+        if config is None:
+            config = build_config([("arguments", {k: v for k, v in overrides.items() if v is not None})])
+        else:
+            extra = {k: v for k, v in overrides.items() if v is not None}
+            if extra:
+                config = build_config([("config", config.model_dump(exclude_unset=True)), ("arguments", extra)])
+        self.config = config
+        self.name = name
+        self._external_pool = pool
+        self.pool: asyncpg.Pool | None = pool
+        self._driver: Driver | None = None
+        self.node: Node | None = None
+        self._embedded: Any = None
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    # -- construction helpers ---------------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str] | None = None, *, name: str = "default", **overrides: Any) -> Oban:
+        """Build from oban.toml (``path`` or ./oban.toml), then ``OBAN_*`` env vars, then ``overrides``."""
+        return cls(config=load_config(path, overrides=overrides), name=name)
+
+    @classmethod
+    def get_instance(cls, name: str | None = None) -> Oban | None:
+        """A started instance by name; ``None`` means "default", or the only one running."""
+        if name is not None:
+            return cls._instances.get(name)
+        if "default" in cls._instances:
+            return cls._instances["default"]
+        if len(cls._instances) == 1:
+            return next(iter(cls._instances.values()))
+        return None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def driver(self) -> Driver:
+        if self._driver is None:
+            raise ObanError("this Oban instance is not started: use `async with Oban(...)` or `await oban.start()`")
+        return self._driver
+
+    async def __aenter__(self) -> Oban:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> Oban:
+        """Connect, check (or apply) migrations, and start queues if any are configured."""
+        async with self._lock:
+            if self._started:
+                return self
+            embedded = False
+            if self.pool is None:
+                dsn, embedded = await asyncio.to_thread(resolve_dsn, self.config)
+                extra = 1 if (self.config.queues and self.config.notifier == "listen") else 0
+                self.pool = await create_pool(
+                    dsn, min_size=1, max_size=self.config.pool_size + extra,
+                    application_name=f"oban_py:{self.config.node or os.getpid()}",
+                )
+                log.debug("connected to %s", masked_dsn(dsn))
+            self._driver = Driver(self.pool, self.config.prefix)
+            try:
+                auto = self.config.migrate if self.config.migrate is not None else embedded
+                if auto:
+                    await self.migrate()
+                else:
+                    await self._check_schema()
+                if self.config.queues:
+                    self.node = Node(self._driver, self.config)
+                    await self.node.start()
+            except BaseException:
+                await self._close_pool()
+                raise
+            self._started = True
+            Oban._instances[self.name] = self
+            return self
+
+    async def stop(self, *, shutdown_timeout: float | None = None) -> None:
+        """Drain queues gracefully (up to ``shutdown_timeout``), then close the pool. Idempotent."""
+        async with self._lock:
+            if not self._started:
+                return
+            if Oban._instances.get(self.name) is self:
+                del Oban._instances[self.name]
+            if self.node is not None:
+                await self.node.stop(shutdown_timeout)
+                self.node = None
+            self._started = False
+            await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self.pool is not None and self._external_pool is None:
+            try:
+                await asyncio.wait_for(self.pool.close(), 10.0)
+            except (asyncio.TimeoutError, Exception):
+                self.pool.terminate()
+            self.pool = None
+        self._driver = None
+
+    async def _check_schema(self) -> None:
+        async with self.driver.connection() as conn:
+            version = await current_version(conn, self.config.prefix)
+        latest = latest_version()
+        if version < latest:
+            raise MigrationError(
+                f"schema {self.config.prefix!r} is at version {version}, this oban_py needs {latest}: run "
+                f"`oban-py migrate` (or pass migrate=True)"
+            )
+
+    async def migrate(self) -> list[int]:
+        """Apply missing migrations (safe to call from many processes at once)."""
+        async with self.driver.connection() as conn:
+            applied = await migrate(conn, self.config.prefix)
+        if applied:
+            log.info("migrated schema %s: applied %s", self.config.prefix, applied)
+        return applied
+
+    async def rollback(self, target: int = 0) -> list[int]:
+        """Undo migrations above ``target`` (0 drops every oban table in the schema)."""
+        async with self.driver.connection() as conn:
+            return await rollback(conn, self.config.prefix, target=target)
+
+    # -- inserting --------------------------------------------------------------------------------
+
+    async def insert(self, job: Job[Any], *, conn: Any = None) -> Job[Any]:
+        """Insert one job. Returns it with its id, or the holder of its unique key (``conflicted=True``).
+
+        ``conn``: an asyncpg connection (or SQLAlchemy AsyncConnection/AsyncSession on asyncpg) whose
+        transaction the insert joins; it is rolled back with it.
+        """
+        return (await self.insert_all([job], conn=conn))[0]
+
+    async def insert_all(self, jobs: Iterable[Job[Any]], *, conn: Any = None) -> list[Job[Any]]:
+        """Insert many jobs in one statement per chunk; one result per input, in input order.
+
+        Unique jobs are deduplicated inside the batch and against the table; each result carries its
+        own ``conflicted``. Invalid input raises before anything is written.
+        """
+        jobs = list(jobs)
+        raw = None
+        if conn is not None:
+            from .db.connect import raw_connection
+
+            raw = await raw_connection(conn)
+        return await _insert.insert_jobs(
+            self.driver, jobs, raw, chunk_size=self.config.insert_chunk_size,
+            max_args_bytes=self.config.max_args_bytes,
+        )
+
+    async def enqueue(self, worker: Any, args: Any = None, /, *, conn: Any = None, **overrides: Any) -> Job[Any]:
+        """Insert a job for a registered worker (class, @job function or name)."""
+        spec = spec_for(worker)
+        return await self.insert(spec.new(args, **overrides), conn=conn)
+
+    # -- job control ------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> Job[Any]:
+        """The job's current row; raises JobNotFound."""
+        rows = await self.driver.fetch("job_get", ids=[job_id])
+        if not rows:
+            raise JobNotFound(job_id)
+        return job_from_record(rows[0])
+
+    async def get_jobs(self, job_ids: Sequence[int]) -> list[Job[Any]]:
+        rows = await self.driver.fetch("job_get", ids=list(job_ids))
+        by_id = {r["id"]: job_from_record(r) for r in rows}
+        return [by_id[i] for i in job_ids if i in by_id]
+
+    async def cancel_job(self, job_id: int, *, reason: str | None = None) -> bool:
+        """Cancel a job that has not finished; a running one has its task cancelled. True if it changed."""
+        return await self.cancel_jobs([job_id], reason=reason) == 1
+
+    async def cancel_jobs(self, job_ids: Iterable[int], *, reason: str | None = None) -> int:
+        ids = [int(i) for i in job_ids]
+        rows = await self.driver.fetch("job_cancel", ids=ids, reason=reason)
+        await self._after_control(rows, "cancelled")
+        return len(rows)
+
+    async def delete_job(self, job_id: int) -> bool:
+        """Delete a job in any state (a running one has its task cancelled). True if it existed."""
+        return await self.delete_jobs([job_id]) == 1
+
+    async def delete_jobs(self, job_ids: Iterable[int]) -> int:
+        rows = await self.driver.fetch("job_delete", ids=[int(i) for i in job_ids])
+        await self._after_control(rows, "deleted")
+        return len(rows)
+
+    async def _after_control(self, rows: list[Any], reason: str) -> None:
+        running = [r["id"] for r in rows if r["was"] == "executing"]
+        if running:
+            payload = json.dumps({"kind": "interrupt", "ids": running, "reason": reason})
+            if self.node is not None:
+                self.node._on_signal(json.loads(payload))
+            await self.driver.notify(self.driver.signal_channel, payload)
+        parked = [r["id"] for r in rows if r.get("parked")]
+        if parked:
+            await self.driver.unpark(parked)
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Make a finished, scheduled or retryable job available now. False if it was not retryable.
+
+        Raises UniqueConflict (naming the holder) if another job holds its unique key; nothing changes.
+        """
+        return await self.retry_jobs([job_id]) == 1
+
+    async def retry_jobs(self, job_ids: Iterable[int]) -> int:
+        """Retry several jobs, all or nothing: a unique conflict on any of them raises and retries none."""
+        ids = [int(i) for i in job_ids]
+        try:
+            async with self.driver.transaction() as conn:
+                rows = await self.driver.fetch("job_retry", conn, ids=ids)
+                for queue in {r["queue"] for r in rows}:
+                    await self.driver.notify(self.driver.insert_channel, queue, conn)
+        except asyncpg.UniqueViolationError:
+            raise await self._retry_conflict(ids) from None
+        return len(rows)
+
+    async def _retry_conflict(self, ids: list[int]) -> UniqueConflict:
+        for job_id in ids:
+            try:
+                async with self.driver.transaction() as conn:
+                    await self.driver.fetch("job_retry", conn, ids=[job_id])
+                    raise _Rollback
+            except _Rollback:
+                continue
+            except asyncpg.UniqueViolationError:
+                holder = await self.driver.fetchrow("job_unique_holder", id=job_id)
+                if holder is not None:
+                    return UniqueConflict(job_id, holder["id"], holder["state"])
+        # Two jobs of the batch share a key: the first one would hold it.
+        for job_id in ids[1:]:
+            return UniqueConflict(job_id, ids[0])
+        return UniqueConflict(ids[0], -1)  # pragma: no cover - a holder that vanished meanwhile
+
+    # -- queue control ----------------------------------------------------------------------------
+
+    async def _control(self, queue: str, node: str | None, *, paused: bool | None = None,
+                       limit: int | None = None) -> None:
+        validate_queue(queue)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000):
+            raise ValidationError("limit", limit, "must be an integer from 1 to 10000")
+        await self.driver.execute(
+            "queue_control_upsert", name=queue, node=node or "", paused=paused, local_limit=limit
+        )
+        await self.driver.notify(self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue,
+                                                                          "node": node}))
+        if self.node is not None and (node is None or node == self.node.name):
+            await self.node._refresh_controls()
+
+    async def pause_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Stop fetching from ``queue`` on every node (or one); running jobs finish. Survives restarts."""
+        await self._control(queue, node, paused=True)
+
+    async def resume_queue(self, queue: str, *, node: str | None = None) -> None:
+        await self._control(queue, node, paused=False)
+
+    async def scale_queue(self, queue: str, *, limit: int, node: str | None = None) -> None:
+        """Change the per-node limit of ``queue`` on every node (or one). Survives restarts."""
+        await self._control(queue, node, limit=limit)
+
+    # -- running jobs inline ----------------------------------------------------------------------
+
+    async def drain_queue(self, queue: str = "default", *, with_scheduled: bool = False,
+                          limit: int = 10_000) -> dict[str, int]:
+        """Run the queue's available jobs in this task, one at a time, until none are left.
+
+        Meant for tests and scripts: no producer is needed. ``with_scheduled`` first makes the queue's
+        scheduled and retryable jobs due now (repeatedly, so retries run too, up to ``limit`` jobs).
+        Returns counts by final state.
+        """
+        from .runtime.producer import write_acks
+
+        validate_queue(queue)
+        driver = self.driver
+        instance = self.node.instance if self.node else "00000000-0000-0000-0000-000000000000"
+        counts: dict[str, int] = {}
+        done = 0
+        while done < limit:
+            if with_scheduled:
+                await driver.execute("job_make_due", queue=queue)
+                await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
+            rows = await driver.fetch("job_fetch", queue=queue, demand=1, node="drain", instance=instance)
+            if not rows:
+                break
+            ack = await execute(job_from_record(rows[0]), rows[0]["attempted_at"])
+            async with driver.connection() as conn:
+                parked = await write_acks(driver, conn, [ack])
+            if parked:
+                await driver.unpark(parked)
+            counts[ack.state] = counts.get(ack.state, 0) + 1
+            done += 1
+        return counts
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction only to roll it back."""

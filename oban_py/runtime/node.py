@@ -1,0 +1,275 @@
+"""A running engine process: its producers and its maintenance services.
+
+Lifecycle: ``start()`` registers this process in ``oban_nodes`` (so its claims are covered by a live
+heartbeat before it makes any), applies stored queue controls, starts the notifier, the services and
+one producer per queue. ``stop()`` drains the producers (see :class:`Producer.stop`), stops the
+services, resigns leadership and removes the node row.
+
+Services (all intervals configurable):
+
+* **lifeline**: every ``heartbeat_interval`` refresh this node's heartbeat, then rescue jobs claimed by
+  processes whose heartbeat is older than ``rescue_after``. A node that has just (re)connected waits
+  ``rescue_after`` before rescuing anyone, so after a database outage the other nodes get the chance to
+  heartbeat first instead of having their running jobs taken from them.
+* **stager**: every ``stage_interval`` move due scheduled/retryable jobs to available.
+* **controls**: every second re-read paused/limit controls from ``oban_queues`` (the fallback for a
+  missed NOTIFY).
+* **leader** (lease in ``oban_leaders``) and, while leader, **pruner** and **unique sweep**.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..errors import DatabaseUnavailable
+from .notifier import Notifier
+from .producer import Producer, ProducerContext
+from .service import Periodic
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..db.driver import Driver
+
+__all__ = ["Node", "default_node_name"]
+
+log = logging.getLogger("oban_py.node")
+
+LEADER_NAME = "oban"
+PRUNE_BATCH = 10_000
+SWEEP_BATCH = 10_000
+RESCUE_BATCH = 1_000
+STAGE_BATCH = 10_000
+
+
+def default_node_name() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+class Node:
+    def __init__(self, driver: Driver, config: Config) -> None:
+        self.driver = driver
+        self.config = config
+        self.name = config.node or default_node_name()
+        self.instance = str(uuid.uuid4())
+        self.is_leader = False
+        self.producers: dict[str, Producer] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._healthy_since: float | None = None
+        self._started = False
+        self.ctx = ProducerContext(
+            driver=driver, node=self.name, instance=self.instance,
+            poll_interval=config.poll_interval, spawn=self.spawn,
+        )
+        for queue, qc in config.queues.items():
+            self.producers[queue] = Producer(self.ctx, queue, qc.limit, paused=qc.paused)
+        self.notifier: Notifier | None = None
+        if config.notifier == "listen":
+            self.notifier = Notifier(
+                driver, on_insert=self._on_insert, on_signal=self._on_signal, on_connect=self._wake_all
+            )
+        leader = lambda: self.is_leader  # noqa: E731
+        self.lifeline = Periodic("lifeline", config.heartbeat_interval, self._lifeline, run_at_start=False)
+        self.stager = Periodic("stager", config.stage_interval, self._stage)
+        self.controls = Periodic("controls", 1.0, self._refresh_controls, run_at_start=False)
+        self.services = [self.lifeline, self.stager, self.controls]
+        if config.leadership:
+            self.services.append(Periodic("leader", max(1.0, config.heartbeat_interval), self._elect))
+            if config.prune_after:
+                self.services.append(
+                    Periodic("pruner", config.prune_interval, self._prune, leader_only=True, is_leader=leader)
+                )
+            self.services.append(
+                Periodic("unique-sweep", 10.0, self._sweep_unique, leader_only=True, is_leader=leader)
+            )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._heartbeat()
+        self._healthy_since = time.monotonic()
+        await self._refresh_controls()
+        if self.notifier is not None:
+            self.notifier.start()
+        for service in self.services:
+            service.start()
+        for producer in self.producers.values():
+            producer.start()
+        self._started = True
+        log.info(
+            "node %s started: queues %s", self.name,
+            ", ".join(f"{q}={p.limit}{' (paused)' if p.paused else ''}" for q, p in self.producers.items()) or "none",
+            extra={"node": self.name, "instance": self.instance},
+        )
+
+    async def stop(self, shutdown_timeout: float | None = None) -> None:
+        if not self._started:
+            return
+        self._started = False
+        timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        await asyncio.gather(*(p.stop(timeout) for p in self.producers.values()))
+        for service in self.services:
+            await service.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            if self.is_leader:
+                await self.driver.execute("leader_resign", name=LEADER_NAME, instance=self.instance)
+                await self.driver.notify(self.driver.signal_channel, json.dumps({"kind": "leader"}))
+            await self.driver.execute("node_delete", instance=self.instance)
+        except DatabaseUnavailable as exc:
+            log.warning("node %s: could not deregister: %s", self.name, exc)
+        self.is_leader = False
+        log.info("node %s stopped", self.name, extra={"node": self.name})
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background coroutine owned by this node (errors logged, cancelled on stop)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                if isinstance(exc, DatabaseUnavailable):
+                    log.warning("background task: %s", exc)
+                else:
+                    log.error("background task failed", exc_info=exc)
+
+        task.add_done_callback(done)
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    def _on_insert(self, queue: str) -> None:
+        producer = self.producers.get(queue)
+        if producer is not None:
+            producer.notify()
+
+    def _on_signal(self, message: dict[str, Any]) -> None:
+        kind = message.get("kind")
+        if kind == "control":
+            node = message.get("node")
+            if not node or node == self.name:
+                self.controls.kick()
+        elif kind == "interrupt":
+            reason = str(message.get("reason", "cancelled"))
+            for job_id in message.get("ids", []):
+                for producer in self.producers.values():
+                    if producer.interrupt(int(job_id), reason):
+                        break
+        elif kind == "leader" and not self.is_leader:
+            for service in self.services:
+                if service.name == "leader":
+                    service.kick()
+
+    def _wake_all(self) -> None:
+        for producer in self.producers.values():
+            producer.notify()
+
+    # -- services ---------------------------------------------------------------------------------
+
+    def _meta(self) -> str:
+        return json.dumps({
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "version": __version__,
+            "queues": {
+                q: {"limit": p.limit, "paused": p.paused, "running": p.running} for q, p in self.producers.items()
+            },
+        })
+
+    async def _heartbeat(self) -> None:
+        inserted = await self.driver.fetchval(
+            "node_heartbeat", instance=self.instance, node=self.name, meta=self._meta()
+        )
+        if inserted and self._started:
+            log.warning(
+                "node %s had been presumed dead (no heartbeat for %ss); jobs it was running may have been "
+                "rescued and run elsewhere", self.name, self.config.rescue_after, extra={"node": self.name},
+            )
+
+    async def _lifeline(self) -> None:
+        try:
+            await self._heartbeat()
+        except DatabaseUnavailable:
+            self._healthy_since = None
+            raise
+        now = time.monotonic()
+        if self._healthy_since is None:
+            self._healthy_since = now
+        if now - self._healthy_since < self.config.rescue_after:
+            return
+        rows = await self.driver.fetch(
+            "job_rescue", instance=self.instance, rescue_after=self.config.rescue_after, limit=RESCUE_BATCH
+        )
+        if rows:
+            log.warning(
+                "rescued %d job(s) from processes that stopped heartbeating", len(rows),
+                extra={"job_ids": [r["id"] for r in rows][:50]},
+            )
+            self._after_transition(rows)
+
+    async def _stage(self) -> None:
+        rows = await self.driver.fetch("job_stage", channel=self.driver.insert_channel, limit=STAGE_BATCH)
+        self._after_transition(rows)
+
+    def _after_transition(self, rows: list[Any]) -> None:
+        parked = [r["id"] for r in rows if r["parked"]]
+        if parked:
+            self.spawn(self.driver.unpark(parked))
+        for queue in {r["queue"] for r in rows}:
+            self._on_insert(queue)
+
+    async def _refresh_controls(self) -> None:
+        rows = await self.driver.fetch("queue_controls", node=self.name)
+        desired: dict[str, dict[str, Any]] = {}
+        for row in rows:  # oldest first: the latest command wins
+            entry = desired.setdefault(row["name"], {})
+            if row["paused"] is not None:
+                entry["paused"] = row["paused"]
+            if row["local_limit"] is not None:
+                entry["limit"] = row["local_limit"]
+        for queue, producer in self.producers.items():
+            entry = desired.get(queue, {})
+            paused = entry.get("paused", self.config.queues[queue].paused)
+            limit = entry.get("limit", self.config.queues[queue].limit)
+            if paused != producer.paused:
+                log.info("queue %s %s", queue, "paused" if paused else "resumed", extra={"queue": queue})
+                producer.set_paused(paused)
+            if limit != producer.limit:
+                log.info("queue %s scaled to %s", queue, limit, extra={"queue": queue})
+                producer.set_limit(limit)
+
+    async def _elect(self) -> None:
+        ttl = max(3.0, self.config.heartbeat_interval * 3)
+        holder = await self.driver.fetchval(
+            "leader_elect", name=LEADER_NAME, instance=self.instance, node=self.name, ttl=ttl
+        )
+        leader = holder is not None and str(holder) == self.instance
+        if leader != self.is_leader:
+            log.info("node %s %s leadership", self.name, "took" if leader else "lost", extra={"node": self.name})
+        self.is_leader = leader
+
+    async def _prune(self) -> None:
+        assert self.config.prune_after is not None
+        for _ in range(10):
+            status = await self.driver.execute("job_prune", max_age=self.config.prune_after, limit=PRUNE_BATCH)
+            if int(status.split()[-1]) < PRUNE_BATCH:
+                break
+
+    async def _sweep_unique(self) -> None:
+        await self.driver.execute("job_unique_sweep", limit=SWEEP_BATCH)
+        parked = await self.driver.fetch("job_parked", limit=1000)
+        if parked:
+            await self.driver.unpark([r["id"] for r in parked])

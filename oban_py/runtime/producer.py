@@ -1,0 +1,281 @@
+"""The per-queue producer: fetch, run, ack.
+
+One producer per queue per node. Each wake-up (a NOTIFY for its queue, a finished job, the poll
+timer) writes the pending acks and fetches ``limit - running`` jobs, each in one statement. Jobs run
+as asyncio tasks; their outcomes are queued as acks and written together on the next cycle, so a busy
+queue costs a few statements per batch of jobs, not per job.
+
+Failure handling:
+
+* A lost connection during an ack keeps the acks and retries them (the claim guard makes a repeated
+  ack harmless).
+* A lost connection during a fetch leaves its outcome unknown: the fetch may have claimed rows we
+  never saw. The next cycle first puts back every job claimed by this producer that it does not hold.
+* Shutdown stops fetching, lets running jobs finish for up to ``shutdown_timeout``, then cancels them
+  and puts them back in the queue without counting the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..db.rows import job_from_record
+from ..errors import DatabaseUnavailable
+from ..job import Job
+from .executor import Ack, _failure, execute
+
+if TYPE_CHECKING:
+    from ..db.driver import Driver
+
+__all__ = ["Producer", "ProducerContext", "write_acks"]
+
+log = logging.getLogger("oban_py.producer")
+
+
+@dataclass
+class ProducerContext:
+    """What a producer needs from its node."""
+
+    driver: Driver
+    node: str
+    instance: str
+    poll_interval: float
+    spawn: Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+class Backoff:
+    """Exponential backoff with jitter for retrying after database errors."""
+
+    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return float(min(self.cap, self.base * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Producer:
+    """Fetches and runs the jobs of one queue on this node."""
+
+    def __init__(self, ctx: ProducerContext, queue: str, limit: int, *, paused: bool = False) -> None:
+        self.ctx = ctx
+        self.queue = queue
+        self.limit = limit
+        self.paused = paused
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._interrupts: dict[int, str] = {}
+        self._acks: list[Ack] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._reconcile = False
+        self._limiter = anyio.CapacityLimiter(max(1, limit))
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._backoff = Backoff()
+        self.completed = 0
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"oban-producer-{self.queue}")
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def running_ids(self) -> list[int]:
+        return list(self._running)
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._limiter.total_tokens = max(1, limit)
+        self.notify()
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.notify()
+
+    def interrupt(self, job_id: int, reason: str) -> bool:
+        """Cancel a running job's task (after cancel_job or delete_job). True if it ran here."""
+        task = self._running.get(job_id)
+        if task is None:
+            return False
+        self._interrupts[job_id] = reason
+        task.cancel()
+        return True
+
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching, wait up to ``timeout`` for running jobs, then put the rest back."""
+        self._stopping = True
+        self.notify()
+        tasks = list(self._running.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
+            if pending:
+                log.warning(
+                    "queue %s: %d job(s) still running after %.1fs; putting them back in the queue",
+                    self.queue, len(pending), timeout, extra={"queue": self.queue},
+                )
+                for job_id, task in list(self._running.items()):
+                    if task in pending:
+                        self._interrupts[job_id] = "shutdown"
+                        task.cancel()
+                await asyncio.wait(pending, timeout=5.0)
+        self.notify()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=10.0)
+            except asyncio.TimeoutError:
+                log.error(
+                    "queue %s: could not write %d final ack(s); the jobs stay executing until rescued",
+                    self.queue, len(self._acks), extra={"queue": self.queue},
+                )
+                self._task.cancel()
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            if self._stopping and not self._running and not self._acks:
+                return
+            if not self._wake.is_set():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.ctx.poll_interval)
+                except asyncio.TimeoutError:
+                    pass
+            self._wake.clear()
+            try:
+                await self._cycle()
+                self._backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self._backoff.next()
+                if isinstance(exc, DatabaseUnavailable):
+                    level = logging.WARNING if self._backoff.failures in (1, 10, 100) else logging.DEBUG
+                    log.log(level, "queue %s: %s; retrying in %.2fs", self.queue, exc, delay,
+                            extra={"queue": self.queue})
+                else:
+                    log.exception("queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay)
+                if self._stopping and self._backoff.failures > 20:
+                    return
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _cycle(self) -> None:
+        acks, self._acks = self._acks, []
+        demand = 0 if (self.paused or self._stopping) else self.limit - len(self._running)
+        if not acks and demand <= 0 and not self._reconcile:
+            return
+        driver = self.ctx.driver
+        parked: list[int] = []
+        async with driver.connection() as conn:
+            if acks:
+                try:
+                    parked = await self._write_acks(conn, acks)
+                except BaseException:
+                    self._acks[:0] = acks
+                    raise
+            if self._reconcile:
+                rows = await driver.fetch(
+                    "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance,
+                    known=list(self._running),
+                )
+                self._reconcile = False
+                parked.extend(r["id"] for r in rows if r["parked"])
+                if rows:
+                    log.info("queue %s: put back %d job(s) from an interrupted fetch", self.queue, len(rows))
+                    self._wake.set()
+            if demand > 0:
+                try:
+                    rows = await driver.fetch(
+                        "job_fetch", conn, queue=self.queue, demand=demand, node=self.ctx.node,
+                        instance=self.ctx.instance,
+                    )
+                except DatabaseUnavailable:
+                    self._reconcile = True
+                    raise
+                for row in rows:
+                    self._launch(row)
+                    if row["parked"]:
+                        parked.append(row["id"])
+        if parked:
+            self.ctx.spawn(driver.unpark(parked))
+
+    async def _write_acks(self, conn: Any, acks: list[Ack]) -> list[int]:
+        parked = await write_acks(self.ctx.driver, conn, acks)
+        self.completed += len(acks)
+        return parked
+
+    def _launch(self, row: Any) -> None:
+        job = job_from_record(row)
+        claim: datetime = row["attempted_at"]
+        task = asyncio.get_running_loop().create_task(self._run(job, claim), name=f"oban-job-{job.id}")
+        assert job.id is not None
+        self._running[job.id] = task
+
+    async def _run(self, job: Job[Any], claim: datetime) -> None:
+        assert job.id is not None
+        ack: Ack | None
+        try:
+            ack = await execute(job, claim, limiter=self._limiter)
+        except asyncio.CancelledError:
+            reason = self._interrupts.pop(job.id, "shutdown")
+            if reason == "shutdown":
+                entry = json.dumps({
+                    "attempt": job.attempt, "at": datetime.now(timezone.utc).isoformat(), "kind": "interrupted",
+                    "error": f"interrupted by shutdown of node {self.ctx.node}; returned to the queue",
+                })
+                ack = Ack(job.id, claim, "available", delay=0.0, error=entry, attempt_delta=-1)
+            else:
+                ack = None  # cancelled or deleted by a user: the row already says so
+        except Exception as exc:  # execute() handles job errors; this is our bug, but never lose the job
+            log.exception("job %s: executor failed", job.id)
+            ack = _failure(job, claim, exc, None, "internal")
+        finally:
+            self._running.pop(job.id, None)
+            self._interrupts.pop(job.id, None)
+        if ack is not None:
+            self._acks.append(ack)
+        self._wake.set()
+
+
+async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:
+    """Write acks, plain completions through the lean statement; returns the ids that were parked."""
+    simple = [a for a in acks if a.simple]
+    other = [a for a in acks if not a.simple]
+    parked: list[int] = []
+    if simple:
+        rows = await driver.fetch(
+            "job_ack_completed", conn, ids=[a.id for a in simple], claims=[a.claim for a in simple]
+        )
+        parked.extend(r["id"] for r in rows if r["parked"])
+    if other:
+        rows = await driver.fetch(
+            "job_ack", conn,
+            ids=[a.id for a in other], claims=[a.claim for a in other], states=[a.state for a in other],
+            delays=[a.delay for a in other], errors=[a.error for a in other],
+            results=[a.result for a in other], metas=[a.meta for a in other],
+            attempt_deltas=[a.attempt_delta for a in other],
+        )
+        parked.extend(r["id"] for r in rows if r["parked"])
+    return parked

@@ -1,0 +1,89 @@
+"""A periodic background service with a shared lifecycle.
+
+Each maintenance duty (heartbeat and rescue, staging, pruning, the unique sweep, queue controls)
+is a :class:`Periodic`: a ``run_once`` coroutine called every ``interval`` seconds (with jitter, so
+nodes spread out), optionally only while this node holds the leader lease. ``stop()`` is idempotent
+and safe before ``start()``. A lost database connection is logged once and retried on the next tick;
+any other error is logged with its traceback and the service keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from ..errors import DatabaseUnavailable
+
+__all__ = ["Periodic"]
+
+log = logging.getLogger("oban_py.maintenance")
+
+
+class Periodic:
+    def __init__(
+        self,
+        name: str,
+        interval: float,
+        run_once: Callable[[], Awaitable[object]],
+        *,
+        leader_only: bool = False,
+        is_leader: Callable[[], bool] = lambda: True,
+        jitter: float = 0.1,
+        run_at_start: bool = True,
+    ) -> None:
+        self.name = name
+        self.interval = interval
+        self.run_once = run_once
+        self.leader_only = leader_only
+        self.is_leader = is_leader
+        self.jitter = jitter
+        self.run_at_start = run_at_start
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._down = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"oban-{self.name}")
+
+    def kick(self) -> None:
+        """Run as soon as possible instead of waiting for the next tick."""
+        self._kick.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _loop(self) -> None:
+        first = True
+        while True:
+            if not (first and self.run_at_start):
+                delay = self.interval * random.uniform(1 - self.jitter, 1 + self.jitter)
+                try:
+                    await asyncio.wait_for(self._kick.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            first = False
+            self._kick.clear()
+            if self.leader_only and not self.is_leader():
+                continue
+            try:
+                await self.run_once()
+                if self._down:
+                    log.info("%s: database reachable again", self.name)
+                self._down = False
+            except asyncio.CancelledError:
+                raise
+            except DatabaseUnavailable as exc:
+                if not self._down:
+                    log.warning("%s: %s", self.name, exc)
+                self._down = True
+            except Exception:
+                log.exception("%s failed; retrying in %.1fs", self.name, self.interval)

@@ -1,0 +1,293 @@
+"""Unique job options and the key they produce.
+
+A unique job carries three things into its row: a key (a 128-bit BLAKE2b hash of a canonical
+encoding of the chosen fields), a bitmask of the states in which the row holds that key, and an
+expiry (``scheduled_at + period``). A partial unique index over "key, where the row's state is in its
+mask" does the enforcing, so concurrent inserters can never both win; see ``docs/unique.md``.
+
+Options (``@worker(unique=...)`` or per insert):
+
+* ``True``: fields ``worker``, ``queue``, ``args``; no period; group ``successful``.
+* ``period``: seconds (int, float or timedelta) or ``None``/``"infinity"``. Counted from the holder's
+  ``scheduled_at``: a job scheduled in 1 h with period 600 blocks duplicates for 70 minutes.
+* ``fields``: subset of ``args``, ``queue``, ``worker``, ``meta``.
+* ``keys``: only these args/meta keys count; dotted paths reach nested values (``"user.id"``). Every
+  path must exist in at least one of the chosen maps (a missing path is an error, not ``null``).
+* ``group``: ``all``, ``incomplete``, ``scheduled``, ``successful`` or an explicit list of states.
+* ``until``: ``"success"`` releases the key when the job completes; ``"start"`` releases it for good
+  when the job starts (Sidekiq's ``unique_until``).
+* ``key``: a callable ``(job) -> JSON value`` that replaces the fields (or define ``unique_key`` on the
+  worker); the value is hashed as is, so two workers returning the same value share a key.
+* ``replace``: ``{state: [fields]}``: on a conflict with a holder in that state, overwrite those fields
+  of the holder (``scheduled_at`` for debounce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from . import _json
+from .errors import UniqueOptionsError
+from .job import Job, JobState
+
+__all__ = ["GROUPS", "UniqueOptions", "UniqueSpec", "resolve_unique"]
+
+STATE_BITS: dict[str, int] = {
+    "scheduled": 1,
+    "available": 2,
+    "executing": 4,
+    "retryable": 8,
+    "completed": 16,
+    "discarded": 32,
+    "cancelled": 64,
+}
+PARKED = 128
+UNTIL_START = 256
+
+GROUPS: dict[str, frozenset[str]] = {
+    "all": frozenset(STATE_BITS),
+    "incomplete": frozenset({"scheduled", "available", "executing", "retryable"}),
+    "scheduled": frozenset({"scheduled"}),
+    "successful": frozenset({"scheduled", "available", "executing", "retryable", "completed"}),
+}
+_INCOMPLETE = GROUPS["incomplete"]
+_BEFORE_START = frozenset({"scheduled", "available"})
+
+Field = Literal["args", "queue", "worker", "meta"]
+ReplaceField = Literal["args", "meta", "priority", "queue", "scheduled_at", "tags", "max_attempts"]
+
+
+class UniqueOptions(BaseModel):
+    """Validated unique options. Build from ``True`` or a dict with :func:`UniqueOptions.parse`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    period: float | None = None
+    fields: tuple[Field, ...] = ("worker", "queue", "args")
+    keys: tuple[str, ...] | None = None
+    group: str | tuple[str, ...] = "successful"
+    until: Literal["start", "success"] | None = None
+    key: Callable[[Job[Any]], Any] | None = None
+    replace: dict[str, tuple[ReplaceField, ...]] | None = None
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _period(cls, value: Any) -> Any:
+        if value is None or value == "infinity":
+            return None
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be seconds (int, float or timedelta) or None")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be greater than 0 (use None for no period)")
+        return value
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _fields(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("must be a list of field names, not a string")
+        value = tuple(value)
+        if not value:
+            raise ValueError("must name at least one of args, queue, worker, meta")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a field twice")
+        return value
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _keys(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            raise ValueError("must be a list of key paths, not a string")
+        value = tuple(value)
+        for path in value:
+            if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+                raise ValueError(f"invalid key path {path!r}")
+        return value
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _group(cls, value: Any) -> Any:
+        if isinstance(value, JobState):
+            value = [value]
+        if isinstance(value, str):
+            if value not in GROUPS:
+                raise ValueError(f"unknown group {value!r}; use one of {sorted(GROUPS)} or a list of states")
+            return value
+        states = tuple(str(s.value if isinstance(s, JobState) else s) for s in value)
+        unknown = [s for s in states if s not in STATE_BITS]
+        if unknown:
+            raise ValueError(f"unknown state(s) {unknown}; states are {list(STATE_BITS)}")
+        if not states:
+            raise ValueError("must list at least one state")
+        return tuple(sorted(set(states), key=list(STATE_BITS).index))
+
+    @field_validator("replace", mode="before")
+    @classmethod
+    def _replace(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ValueError("must map a state to the fields to replace, e.g. {'scheduled': ['scheduled_at']}")
+        out: dict[str, Any] = {}
+        for state, fields in value.items():
+            name = str(state.value if isinstance(state, JobState) else state)
+            if name not in STATE_BITS:
+                raise ValueError(f"unknown state {name!r}")
+            if isinstance(fields, str):
+                raise ValueError(f"fields for {name!r} must be a list")
+            out[name] = tuple(fields)
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UniqueOptions:
+        if self.keys is not None and not ({"args", "meta"} & set(self.fields)):
+            raise ValueError("keys needs 'args' or 'meta' in fields")
+        if not (self.states & _BEFORE_START):
+            raise ValueError(
+                "group must include 'scheduled' or 'available' (the states a job is inserted in), "
+                "otherwise no insert is ever checked"
+            )
+        return self
+
+    @property
+    def states(self) -> frozenset[str]:
+        """States in which a job holds its key, after applying ``until``."""
+        base = GROUPS[self.group] if isinstance(self.group, str) else frozenset(self.group)
+        if self.until == "success":
+            return base & _INCOMPLETE
+        if self.until == "start":
+            return base & _BEFORE_START
+        return base
+
+    @property
+    def mask(self) -> int:
+        mask = sum(STATE_BITS[s] for s in self.states)
+        return mask | UNTIL_START if self.until == "start" else mask
+
+    @classmethod
+    def parse(
+        cls, value: Any, *, base: UniqueOptions | None = None, worker: str | None = None
+    ) -> UniqueOptions | None:
+        """``True``/dict/UniqueOptions -> options; ``False``/``None`` -> no uniqueness.
+
+        A dict is merged over ``base`` (the worker's options) when there is one, so an insert can
+        change just the period of a worker that already declares its fields and keys.
+        """
+        if value is None or value is False:
+            return None
+        if isinstance(value, UniqueOptions):
+            return value
+        if value is True:
+            return base or cls()
+        if not isinstance(value, Mapping):
+            raise UniqueOptionsError("unique", value, "must be True, False or a dict of options", worker=worker)
+        data = dict(base.model_dump(exclude_unset=True)) if base else {}
+        data.update(value)
+        try:
+            return cls.model_validate(data)
+        except PydanticValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+            field = f"unique.{loc}" if loc else "unique"
+            bad = data.get(str(err["loc"][0]), err.get("input")) if err["loc"] else err.get("input")
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown unique option; options are {sorted(cls.model_fields)}"
+            elif err["type"] == "literal_error" and loc.startswith("fields"):
+                message = "unknown field; fields are args, queue, worker, meta"
+            elif err["type"] == "literal_error" and loc.startswith("replace"):
+                message = "unknown field; replaceable fields are " + ", ".join(ReplaceField.__args__)
+            raise UniqueOptionsError(field, bad, message, worker=worker) from None
+
+
+@dataclass(frozen=True)
+class UniqueSpec:
+    """What a unique job sends to the database."""
+
+    options: UniqueOptions
+    key: bytes
+    mask: int
+    period: float | None
+
+    @property
+    def replace_json(self) -> str | None:
+        if not self.options.replace:
+            return None
+        return _json.canonical({s: list(f) for s, f in self.options.replace.items()})
+
+
+_MISSING = object()
+
+
+def _lookup(mapping: Mapping[str, Any], path: str) -> Any:
+    current: Any = mapping
+    for part in path.split("."):
+        if not isinstance(current, Mapping) or part not in current:
+            return _MISSING
+        current = current[part]
+    return current
+
+
+def _custom_key(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
+    if worker_cls is None:
+        return None
+    attr = inspect.getattr_static(worker_cls, "unique_key", None)
+    if attr is None:
+        return None
+    if isinstance(attr, (staticmethod, classmethod)):
+        fn: Callable[[Job[Any]], Any] = getattr(worker_cls, "unique_key")
+        return fn
+    if callable(attr):
+        return lambda job: attr(worker_cls(), job)
+    return None
+
+
+def resolve_unique(
+    options: UniqueOptions,
+    job: Job[Any],
+    args: Mapping[str, Any],
+    *,
+    worker_cls: type | None = None,
+) -> UniqueSpec:
+    """Compute the key for ``job`` under ``options`` (args already validated as JSON)."""
+    custom = options.key or _custom_key(worker_cls)
+    if custom is not None:
+        value = custom(job)
+        parts: Any = {"custom": value}
+        _json.encode(value, "unique.key", worker=job.worker)
+    else:
+        parts = {}
+        for name in options.fields:
+            if name == "worker":
+                parts["worker"] = job.worker
+            elif name == "queue":
+                parts["queue"] = job.queue
+            else:
+                source = args if name == "args" else job.meta
+                if options.keys is None:
+                    parts[name] = source
+                else:
+                    parts[name] = {p: v for p in options.keys if (v := _lookup(source, p)) is not _MISSING}
+        if options.keys is not None:
+            maps = [parts[n] for n in ("args", "meta") if n in parts]
+            for path in options.keys:
+                if not any(path in m for m in maps):
+                    where = " or ".join(n for n in ("args", "meta") if n in parts)
+                    raise UniqueOptionsError(
+                        "unique.keys", path, f"key path not found in the job's {where}", worker=job.worker
+                    )
+    digest = hashlib.blake2b(_json.canonical(parts).encode(), digest_size=16).digest()
+    return UniqueSpec(options=options, key=digest, mask=options.mask, period=options.period)

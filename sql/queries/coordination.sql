@@ -1,0 +1,55 @@
+-- Queries on the small coordination tables: oban_nodes (heartbeats), oban_leaders (leases) and
+-- oban_queues (runtime controls that survive restarts).
+
+-- name: leader_elect
+-- Take or keep a lease. The holder extends its own lease; anyone may take an expired one. The TTL is
+-- a real parameter (make_interval), never text spliced into a literal.
+INSERT INTO __prefix__.oban_leaders AS l (name, instance, node, elected_at, expires_at)
+VALUES (:name, :instance, :node, now(), now() + make_interval(secs => :ttl))
+ON CONFLICT (name) DO UPDATE SET
+    instance = EXCLUDED.instance,
+    node = EXCLUDED.node,
+    elected_at = CASE WHEN l.instance = EXCLUDED.instance THEN l.elected_at ELSE now() END,
+    expires_at = EXCLUDED.expires_at
+WHERE l.instance = EXCLUDED.instance OR l.expires_at < now()
+RETURNING l.instance
+
+-- name: leader_resign
+DELETE FROM __prefix__.oban_leaders WHERE name = :name AND instance = :instance
+
+-- name: node_heartbeat
+-- Register or refresh this process. `inserted` is true when the row had to be created again, i.e.
+-- another node declared this one dead while it could not reach the database.
+INSERT INTO __prefix__.oban_nodes AS n (instance, node, meta)
+VALUES (:instance, :node, :meta::jsonb)
+ON CONFLICT (instance) DO UPDATE SET heartbeat_at = now(), meta = EXCLUDED.meta
+RETURNING (n.xmax = 0) AS inserted
+
+-- name: node_delete
+DELETE FROM __prefix__.oban_nodes WHERE instance = :instance
+
+-- name: node_list
+SELECT instance, node, started_at, heartbeat_at, meta::text AS meta,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS age
+FROM __prefix__.oban_nodes
+ORDER BY node, started_at
+
+-- name: queue_control_upsert
+-- Persist a pause/resume/scale for every node (node = '') or one node.
+INSERT INTO __prefix__.oban_queues AS q (name, node, paused, local_limit, updated_at)
+VALUES (:name, :node, :paused, :local_limit, now())
+ON CONFLICT (name, node) DO UPDATE SET
+    paused = COALESCE(EXCLUDED.paused, q.paused),
+    local_limit = COALESCE(EXCLUDED.local_limit, q.local_limit),
+    updated_at = now()
+
+-- name: queue_controls
+-- Controls that apply to this node: cluster-wide rows and rows for this node name. The caller applies
+-- them oldest first, so the latest command wins (a cluster-wide resume after a node pause resumes it).
+SELECT name, node, paused, local_limit, updated_at
+FROM __prefix__.oban_queues
+WHERE node = '' OR node = :node
+ORDER BY updated_at
+
+-- name: notify
+SELECT pg_notify(:channel, :payload)

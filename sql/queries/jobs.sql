@@ -1,0 +1,414 @@
+-- Queries on oban_jobs. Column lists are spelled out so the driver can rely on their names; jsonb
+-- columns travel as text (args::text) so no connection-level codec (SQLAlchemy installs its own) can
+-- change what we send or get back.
+
+-- name: job_ack
+-- Final (or interim) state for a batch of executed jobs, one statement per flush. The guard
+-- `state = 'executing' AND attempted_at = claim` makes a late ack from a node that was presumed dead
+-- a no-op: once the job was rescued or claimed again, the claim time no longer matches.
+-- Rows that re-enter their unique group (a snooze into the `scheduled` group, for one) come back
+-- flagged `parked` so the caller can try to take their key back.
+WITH a AS (
+    SELECT *
+    FROM unnest(:ids::bigint[], :claims::timestamptz[], :states::text[], :delays::float8[],
+                :errors::text[], :results::text[], :metas::text[], :attempt_deltas::smallint[])
+         AS a(id, claim, state, delay, error, result, meta, attempt_delta)
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    state = a.state::__prefix__.oban_job_state,
+    completed_at = CASE WHEN a.state = 'completed' THEN now() ELSE j.completed_at END,
+    cancelled_at = CASE WHEN a.state = 'cancelled' THEN now() ELSE j.cancelled_at END,
+    discarded_at = CASE WHEN a.state = 'discarded' THEN now() ELSE j.discarded_at END,
+    scheduled_at = CASE WHEN a.delay IS NULL THEN j.scheduled_at
+                        ELSE now() + make_interval(secs => a.delay) END,
+    errors = CASE WHEN a.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(a.error::jsonb) END,
+    result = COALESCE(a.result::jsonb, j.result),
+    meta = CASE WHEN a.meta IS NULL THEN j.meta ELSE j.meta || a.meta::jsonb END,
+    attempt = j.attempt + a.attempt_delta,
+    claimed_by = CASE WHEN a.state = 'available' THEN NULL ELSE j.claimed_by END,
+    unique_states = __prefix__.oban_unique_next(j.unique_states, j.state, a.state::__prefix__.oban_job_state)
+FROM a
+WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.claim
+RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_ack_completed
+-- The common flush: every job in the batch simply completed. A leaner statement than job_ack.
+UPDATE __prefix__.oban_jobs AS j SET
+    state = 'completed',
+    completed_at = now(),
+    unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', 'completed')
+FROM unnest(:ids::bigint[], :claims::timestamptz[]) AS a(id, claim)
+WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.claim
+RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_fetch
+-- Claim up to `demand` available jobs of one queue, in priority order. SKIP LOCKED lets producers on
+-- many nodes fetch at once without waiting on each other; the CTE's LIMIT bounds what is locked.
+-- The claim time (attempted_at) is the claim's identity for acks.
+WITH locked AS (
+    SELECT id FROM __prefix__.oban_jobs
+    WHERE state = 'available' AND queue = :queue
+    ORDER BY priority, scheduled_at, id
+    LIMIT :demand
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    state = 'executing',
+    attempt = j.attempt + 1,
+    attempted_at = now(),
+    attempted_by = :node,
+    claimed_by = :instance,
+    unique_states = __prefix__.oban_unique_next(j.unique_states, 'available', 'executing')
+FROM locked
+WHERE j.id = locked.id
+RETURNING j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args, j.meta::text AS meta,
+          j.tags, j.errors::text AS errors, j.attempt, j.max_attempts, j.priority, j.inserted_at,
+          j.scheduled_at, j.attempted_at, j.attempted_by, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_get
+SELECT j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args, j.meta::text AS meta, j.tags,
+       j.errors::text AS errors, j.result::text AS result, j.attempt, j.max_attempts, j.priority,
+       j.inserted_at, j.scheduled_at, j.attempted_at, j.attempted_by, j.completed_at, j.cancelled_at,
+       j.discarded_at
+FROM __prefix__.oban_jobs AS j
+WHERE j.id = ANY(:ids::bigint[])
+
+-- name: job_insert
+-- One statement for a single job or a whole chunk. Each row gets its id up front from the sequence,
+-- so results map back to input order by id rather than by trusting RETURNING order. A row whose unique
+-- key is held is skipped by ON CONFLICT DO NOTHING: nothing is written to the holder (no dead tuple, no
+-- row lock); the caller resolves those rows in a fresh statement (job_insert_resolve). Producers of
+-- each queue that got an available job are woken with one NOTIFY per queue; PostgreSQL folds
+-- identical notifications within a transaction, so a batch wakes each queue once.
+WITH input AS (
+    SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
+    FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
+                :priorities::smallint[], :max_attempts::smallint[], :scheduled_ats::timestamptz[],
+                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[])
+         WITH ORDINALITY AS t(worker, queue, args, meta, tags, priority, max_attempts, scheduled_at,
+                              unique_key, unique_states, unique_period, ord)
+),
+ins AS (
+    INSERT INTO __prefix__.oban_jobs AS j (
+        id, state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
+        unique_key, unique_states, unique_expires_at)
+    SELECT i.id,
+           (CASE WHEN i.scheduled_at > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
+           i.queue, i.worker, i.args::jsonb, i.meta::jsonb,
+           CASE WHEN i.tags = '[]' THEN '{}'::text[]
+                ELSE ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)) END,
+           i.priority, i.max_attempts, COALESCE(i.scheduled_at, now()),
+           i.unique_key, i.unique_states,
+           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period)
+    FROM input AS i
+    ORDER BY i.ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
+    DO NOTHING
+    RETURNING j.id, j.state, j.inserted_at, j.scheduled_at, j.queue
+),
+woken AS (
+    SELECT count(pg_notify(:channel, q.queue)) AS n
+    FROM (SELECT DISTINCT ins.queue FROM ins WHERE ins.state = 'available') AS q
+)
+SELECT i.ord, ins.id, ins.state::text AS state, ins.inserted_at, ins.scheduled_at
+FROM ins JOIN input AS i USING (id) CROSS JOIN woken
+
+-- name: job_insert_resolve
+-- Second step for unique rows the first INSERT skipped, in a fresh statement so it sees holders that
+-- committed while that INSERT waited on them. Holders whose period has passed lose their key (their
+-- window is over) and the waiting rows are inserted in their place; every other row gets its live
+-- holder back. A row that gets neither (its holder left the group in between, or a new holder appeared
+-- during this statement) is retried by the caller.
+WITH clock AS (SELECT clock_timestamp() AS ts),
+input AS (
+    SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
+    FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
+                :priorities::smallint[], :max_attempts::smallint[], :scheduled_ats::timestamptz[],
+                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[])
+         WITH ORDINALITY AS t(worker, queue, args, meta, tags, priority, max_attempts, scheduled_at,
+                              unique_key, unique_states, unique_period, ord)
+),
+expired AS (
+    UPDATE __prefix__.oban_jobs AS j SET unique_states = 0
+    FROM clock
+    WHERE j.unique_key = ANY(:unique_keys::bytea[])
+      AND j.unique_key IS NOT NULL AND __prefix__.oban_unique_holds(j.unique_states, j.state)
+      AND j.unique_expires_at <= clock.ts
+    RETURNING j.unique_key
+),
+ins AS (
+    INSERT INTO __prefix__.oban_jobs AS j (
+        id, state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
+        unique_key, unique_states, unique_expires_at)
+    SELECT i.id,
+           (CASE WHEN i.scheduled_at > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
+           i.queue, i.worker, i.args::jsonb, i.meta::jsonb,
+           CASE WHEN i.tags = '[]' THEN '{}'::text[]
+                ELSE ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)) END,
+           i.priority, i.max_attempts, COALESCE(i.scheduled_at, now()),
+           i.unique_key, i.unique_states,
+           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period)
+    FROM input AS i
+    WHERE i.unique_key IN (SELECT e.unique_key FROM expired AS e)
+    ORDER BY i.ord
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
+    DO NOTHING
+    RETURNING j.id, j.state, j.queue, j.worker, j.args, j.meta, j.tags, j.errors, j.result, j.attempt,
+              j.max_attempts, j.priority, j.inserted_at, j.scheduled_at, j.attempted_at, j.attempted_by,
+              j.completed_at, j.cancelled_at, j.discarded_at, j.unique_key
+),
+woken AS (
+    SELECT count(pg_notify(:channel, q.queue)) AS n
+    FROM (SELECT DISTINCT ins.queue FROM ins WHERE ins.state = 'available') AS q
+)
+SELECT true AS inserted, i.ord, ins.id, ins.state::text AS state, ins.queue, ins.worker,
+       ins.args::text AS args, ins.meta::text AS meta, ins.tags, ins.errors::text AS errors,
+       ins.result::text AS result, ins.attempt, ins.max_attempts, ins.priority, ins.inserted_at,
+       ins.scheduled_at, ins.attempted_at, ins.attempted_by, ins.completed_at, ins.cancelled_at,
+       ins.discarded_at, ins.unique_key
+FROM ins JOIN input AS i USING (id) CROSS JOIN woken
+UNION ALL
+SELECT false, NULL, j.id, j.state::text, j.queue, j.worker, j.args::text, j.meta::text, j.tags,
+       j.errors::text, j.result::text, j.attempt, j.max_attempts, j.priority, j.inserted_at,
+       j.scheduled_at, j.attempted_at, j.attempted_by, j.completed_at, j.cancelled_at, j.discarded_at,
+       j.unique_key
+FROM __prefix__.oban_jobs AS j CROSS JOIN clock
+WHERE j.unique_key = ANY(:unique_keys::bytea[])
+  AND j.unique_key IS NOT NULL AND __prefix__.oban_unique_holds(j.unique_states, j.state)
+  AND (j.unique_expires_at IS NULL OR j.unique_expires_at > clock.ts)
+
+-- name: job_replace
+-- `replace={state: [fields]}` on a conflict: overwrite the listed fields of holders that are in one of
+-- the listed states (checked again under the row lock, so a holder that started meanwhile is left
+-- alone). A new scheduled_at also moves the key's expiry, and moves an available holder to scheduled
+-- when the new time is in the future (or a scheduled one to available when it is not).
+WITH r AS (
+    SELECT *
+    FROM unnest(:ids::bigint[], :replaces::text[], :args::text[], :metas::text[], :tags::text[],
+                :priorities::smallint[], :max_attempts::smallint[], :queues::text[],
+                :scheduled_ats::timestamptz[], :unique_periods::float8[])
+         AS r(id, replace, args, meta, tags, priority, max_attempts, queue, scheduled_at, unique_period)
+),
+target AS (
+    SELECT j.id, r.*, (r.replace::jsonb -> j.state::text) AS fields
+    FROM __prefix__.oban_jobs AS j JOIN r USING (id)
+    WHERE r.replace::jsonb ? j.state::text
+    FOR UPDATE OF j
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    args = CASE WHEN t.fields ? 'args' THEN t.args::jsonb ELSE j.args END,
+    meta = CASE WHEN t.fields ? 'meta' THEN t.meta::jsonb ELSE j.meta END,
+    tags = CASE WHEN t.fields ? 'tags'
+                THEN ARRAY(SELECT jsonb_array_elements_text(t.tags::jsonb)) ELSE j.tags END,
+    priority = CASE WHEN t.fields ? 'priority' THEN t.priority ELSE j.priority END,
+    max_attempts = CASE WHEN t.fields ? 'max_attempts' THEN greatest(t.max_attempts, j.attempt, 1)
+                        ELSE j.max_attempts END,
+    queue = CASE WHEN t.fields ? 'queue' THEN t.queue ELSE j.queue END,
+    scheduled_at = CASE WHEN t.fields ? 'scheduled_at' THEN COALESCE(t.scheduled_at, now())
+                        ELSE j.scheduled_at END,
+    unique_expires_at = CASE WHEN t.fields ? 'scheduled_at'
+                             THEN COALESCE(t.scheduled_at, now()) + make_interval(secs => t.unique_period)
+                             ELSE j.unique_expires_at END,
+    state = CASE
+        WHEN NOT t.fields ? 'scheduled_at' OR j.state NOT IN ('available', 'scheduled') THEN j.state
+        WHEN COALESCE(t.scheduled_at, now()) > now() THEN 'scheduled'::__prefix__.oban_job_state
+        ELSE 'available'::__prefix__.oban_job_state END
+FROM target AS t
+WHERE j.id = t.id
+RETURNING j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args, j.meta::text AS meta,
+          j.tags, j.errors::text AS errors, j.result::text AS result, j.attempt, j.max_attempts,
+          j.priority, j.inserted_at, j.scheduled_at, j.attempted_at, j.attempted_by, j.completed_at,
+          j.cancelled_at, j.discarded_at
+
+-- name: job_release_unknown
+-- After a fetch whose outcome is unknown (the connection dropped mid-statement), put back every job
+-- this producer claimed but does not hold, as if the claim never happened.
+UPDATE __prefix__.oban_jobs AS j SET
+    state = 'available',
+    attempt = greatest(j.attempt - 1, 0),
+    claimed_by = NULL,
+    unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', 'available')
+WHERE j.state = 'executing' AND j.queue = :queue AND j.claimed_by = :instance
+  AND j.id <> ALL(:known::bigint[])
+RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_stage
+-- Scheduled and retryable jobs whose time has come become available. Every node runs this; SKIP LOCKED
+-- keeps them from waiting on each other and the LIMIT bounds each pass. The queues that got jobs are
+-- notified (once per queue) and returned so local producers can be woken without a round trip.
+WITH due AS (
+    SELECT id FROM __prefix__.oban_jobs
+    WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= now()
+    ORDER BY scheduled_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+),
+staged AS (
+    UPDATE __prefix__.oban_jobs AS j SET
+        state = 'available',
+        unique_states = __prefix__.oban_unique_next(j.unique_states, j.state, 'available')
+    FROM due
+    WHERE j.id = due.id
+    RETURNING j.id, j.queue, (j.unique_states & 128 <> 0) AS parked
+),
+woken AS (
+    SELECT count(pg_notify(:channel, q.queue)) AS n
+    FROM (SELECT DISTINCT staged.queue FROM staged) AS q
+)
+SELECT staged.id, staged.queue, staged.parked FROM staged CROSS JOIN woken
+
+-- name: job_rescue
+-- Jobs claimed by processes that stopped heartbeating more than `rescue_after` seconds ago (or whose
+-- process never registered) go back to available, or to discarded when out of attempts. A dead node's
+-- rows are deleted in the same statement, so its slots free exactly once: when its jobs are rescued.
+WITH dead AS (
+    DELETE FROM __prefix__.oban_nodes
+    WHERE heartbeat_at < now() - make_interval(secs => :rescue_after) AND instance <> :instance
+    RETURNING instance
+),
+live AS (
+    SELECT instance FROM __prefix__.oban_nodes
+    WHERE heartbeat_at >= now() - make_interval(secs => :rescue_after) OR instance = :instance
+),
+orphans AS (
+    SELECT j.id,
+           (CASE WHEN j.attempt >= j.max_attempts THEN 'discarded' ELSE 'available' END)::__prefix__.oban_job_state
+               AS next_state
+    FROM __prefix__.oban_jobs AS j
+    WHERE j.state = 'executing'
+      AND (j.claimed_by IS NULL OR j.claimed_by NOT IN (SELECT live.instance FROM live))
+    ORDER BY j.id
+    LIMIT :limit
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    state = o.next_state,
+    discarded_at = CASE WHEN o.next_state = 'discarded' THEN now() ELSE j.discarded_at END,
+    claimed_by = NULL,
+    meta = j.meta || jsonb_build_object('rescued', COALESCE((j.meta ->> 'rescued')::int, 0) + 1),
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'at', now(), 'kind', 'rescued',
+        'error', 'the process running this job (node ' || COALESCE(j.attempted_by, '?') ||
+                 ') stopped heartbeating')),
+    unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', o.next_state)
+FROM orphans AS o, (SELECT count(*) FROM dead) AS d
+WHERE j.id = o.id
+RETURNING j.id, j.queue, j.state::text AS state, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_prune
+-- Delete finished jobs older than max_age, a bounded batch per pass (leader only). Deleting a
+-- finished holder also frees its unique key: uniqueness without a period lasts while the row exists.
+WITH old AS (
+    SELECT id FROM __prefix__.oban_jobs
+    WHERE state IN ('completed', 'cancelled', 'discarded')
+      AND COALESCE(completed_at, cancelled_at, discarded_at) < now() - make_interval(secs => :max_age)
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM __prefix__.oban_jobs AS j USING old WHERE j.id = old.id
+
+-- name: job_cancel
+-- Cancel jobs that have not finished. Executing ones are returned with their process so the caller
+-- can tell that node to stop the running task; their late ack will not match the guard.
+WITH t AS (
+    SELECT j.id, j.state AS was, j.claimed_by
+    FROM __prefix__.oban_jobs AS j
+    WHERE j.id = ANY(:ids::bigint[]) AND j.state NOT IN ('completed', 'discarded', 'cancelled')
+    FOR UPDATE
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    state = 'cancelled',
+    cancelled_at = now(),
+    errors = CASE WHEN :reason::text IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                      'attempt', j.attempt, 'at', now(), 'kind', 'cancelled', 'error', :reason::text)) END,
+    unique_states = __prefix__.oban_unique_next(j.unique_states, t.was, 'cancelled')
+FROM t
+WHERE j.id = t.id
+RETURNING j.id, t.was::text AS was, t.claimed_by, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_retry
+-- Make jobs available again now (manual retry). Unlike automatic transitions a manual retry takes its
+-- unique key directly: if another job holds it, the statement fails with 23505 and the caller reports
+-- that holder instead of retrying (nothing is changed).
+WITH t AS (
+    SELECT j.id, j.state AS was
+    FROM __prefix__.oban_jobs AS j
+    WHERE j.id = ANY(:ids::bigint[]) AND j.state NOT IN ('available', 'executing')
+    FOR UPDATE
+)
+UPDATE __prefix__.oban_jobs AS j SET
+    state = 'available',
+    scheduled_at = now(),
+    completed_at = NULL, cancelled_at = NULL, discarded_at = NULL,
+    max_attempts = greatest(j.max_attempts, j.attempt + 1),
+    unique_states = __prefix__.oban_unique_next(j.unique_states, t.was, 'available') & ~128
+FROM t
+WHERE j.id = t.id
+RETURNING j.id, j.queue
+
+-- name: job_delete
+-- Delete jobs in any state; executing ones are returned so their process can stop the task.
+DELETE FROM __prefix__.oban_jobs AS j
+WHERE j.id = ANY(:ids::bigint[])
+RETURNING j.id, j.state::text AS was, j.claimed_by
+
+-- name: job_unique_holder
+-- Which other job holds the key of job :id right now (for parked-row conflicts and retry errors).
+SELECT h.id, h.state::text AS state
+FROM __prefix__.oban_jobs AS j
+JOIN __prefix__.oban_jobs AS h ON h.unique_key = j.unique_key
+WHERE j.id = :id AND h.id <> j.id
+  AND h.unique_key IS NOT NULL AND __prefix__.oban_unique_holds(h.unique_states, h.state)
+
+-- name: job_unpark
+-- A parked row takes its key back. Runs in its own short transaction with a lock_timeout so it can
+-- neither fail its caller's transition nor wait long on an uncommitted holder; a 23505 here means
+-- another job holds the key (see job_unpark_lost).
+UPDATE __prefix__.oban_jobs AS j SET unique_states = j.unique_states & ~128
+WHERE j.id = :id AND j.unique_states & 128 <> 0
+  AND j.unique_states & __prefix__.oban_state_bit(j.state) <> 0
+RETURNING j.id, j.unique_key
+
+-- name: job_unpark_lost
+-- A parked row whose key is held by another job: one that has not started is cancelled as a duplicate
+-- of the holder; one that already runs keeps running without the key. Either way the outcome is
+-- recorded in meta.unique_conflict, and the row stops wanting the key.
+UPDATE __prefix__.oban_jobs AS j SET
+    state = CASE WHEN j.state IN ('scheduled', 'available', 'retryable') THEN 'cancelled'::__prefix__.oban_job_state
+                 ELSE j.state END,
+    cancelled_at = CASE WHEN j.state IN ('scheduled', 'available', 'retryable') THEN now()
+                        ELSE j.cancelled_at END,
+    unique_states = 0,
+    meta = j.meta || jsonb_build_object('unique_conflict', jsonb_build_object(
+        'holder', :holder::bigint, 'state', j.state::text, 'at', now(),
+        'outcome', CASE WHEN j.state IN ('scheduled', 'available', 'retryable') THEN 'cancelled'
+                        ELSE 'released' END))
+WHERE j.id = :id AND j.unique_states & 128 <> 0
+RETURNING j.id, j.state::text AS state
+
+-- name: job_parked
+-- Parked rows still waiting for their key (retried by the unique sweep).
+SELECT j.id FROM __prefix__.oban_jobs AS j
+WHERE j.unique_states & 128 <> 0
+ORDER BY j.id
+LIMIT :limit
+
+-- name: job_unique_sweep
+-- Release keys whose period has passed, so the unique index only holds live keys. Inserts already
+-- treat such holders as gone; this keeps the index small. Leader only, bounded per pass.
+WITH expired AS (
+    SELECT id FROM __prefix__.oban_jobs
+    WHERE unique_key IS NOT NULL AND unique_expires_at IS NOT NULL
+      AND __prefix__.oban_unique_holds(unique_states, state)
+      AND unique_expires_at <= now()
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE __prefix__.oban_jobs AS j SET unique_states = 0
+FROM expired WHERE j.id = expired.id
+
+-- name: job_make_due
+-- drain_queue(with_scheduled=True): make the queue's scheduled and retryable jobs due now.
+UPDATE __prefix__.oban_jobs SET scheduled_at = now()
+WHERE state IN ('scheduled', 'retryable') AND queue = :queue
