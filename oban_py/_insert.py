@@ -68,7 +68,9 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         raise ValidationError("priority", job.priority, "must be an integer from 0 to 9", worker=worker)
     ma = job.max_attempts
     if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= MAX_ATTEMPTS_LIMIT:
-        raise ValidationError("max_attempts", ma, f"must be an integer from 1 to {MAX_ATTEMPTS_LIMIT}", worker=worker)
+        raise ValidationError(
+            "max_attempts", ma, f"must be an integer from 1 to {MAX_ATTEMPTS_LIMIT}", worker=worker
+        )
     at = job.scheduled_at
     if at is not None and (not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None):
         raise ValidationError("scheduled_at", at, "must be a timezone-aware datetime", worker=worker)
@@ -79,15 +81,19 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         raise ValidationError("args", args, "must be a dict", worker=worker)
     if not isinstance(job.meta, Mapping):
         raise ValidationError("meta", job.meta, "must be a dict", worker=worker)
-    tags = job.tags
-    if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+    tags: Any = job.tags
+    if (
+        isinstance(tags, str)
+        or not isinstance(tags, (list, tuple))
+        or not all(isinstance(t, str) for t in tags)
+    ):
         raise ValidationError("tags", tags, "must be a list of strings", worker=worker)
     args_text = _json.encode(args, "args", limit=max_bytes, worker=worker)
     meta_text = _json.encode(job.meta, "meta", limit=max_bytes, worker=worker) if job.meta else "{}"
     unique: UniqueSpec | None = None
-    options = job.unique
+    options: Any = job.unique
     if options is not None:
-        if not isinstance(options, UniqueOptions):
+        if not isinstance(options, UniqueOptions):  # a hand-built Job may carry True or a dict
             options = UniqueOptions.parse(options, worker=worker)
         if options is not None:
             try:
@@ -160,12 +166,15 @@ async def _resolve_round(driver: Driver, conn: Any, items: list[_Item]) -> list[
 
 async def _replace(driver: Driver, conn: Any, items: list[_Item]) -> None:
     """Apply ``replace={state: [fields]}`` to the holders these conflicted items found."""
-    todo = [it for it in items if it.unique and it.unique.options.replace and it.result and it.result.conflicted]
+    todo = [
+        it for it in items if it.unique and it.unique.options.replace and it.result and it.result.conflicted
+    ]
     if not todo:
         return
     by_holder: dict[int, _Item] = {}
     for it in todo:  # one replacement per holder; the last input wins, as sequential inserts would
-        assert it.result is not None and it.result.id is not None
+        assert it.result is not None
+        assert it.result.id is not None
         by_holder[it.result.id] = it
     chosen = list(by_holder.values())
     rows = await driver.fetch(

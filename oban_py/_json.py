@@ -21,12 +21,13 @@ from .errors import ValidationError
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _canonical = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True)
 
+
 def _find_problem(value: Any, path: str) -> tuple[str, Any, str] | None:
     """Walk ``value``; return (path, bad value, reason) for the first thing JSON cannot carry exactly."""
     stack: list[tuple[str, Any]] = [(path, value)]
     while stack:
         where, item = stack.pop()
-        if isinstance(item, str) or item is None or isinstance(item, bool) or isinstance(item, int):
+        if item is None or isinstance(item, (str, bool, int)):
             continue
         if isinstance(item, float):
             if not math.isfinite(item):
@@ -62,12 +63,14 @@ def encode(value: Any, field: str, *, limit: int | None = None, worker: str | No
         where, bad, reason = problem
         raise ValidationError(where, bad, reason, worker=worker)
     text = _encoder.encode(value)
-    if limit is not None and len(text) > limit:
-        # Character count is a lower bound of the byte size; only encode to bytes when close.
+    if limit is not None and len(text) * 4 > limit:
+        # A character is 1-4 bytes in UTF-8: only texts that could exceed the limit are measured.
         size = len(text.encode())
         if size > limit:
             raise ValidationError(
-                field, f"<{size} bytes>", f"encoded size {size} bytes exceeds the limit of {limit} bytes",
+                field,
+                f"<{size} bytes>",
+                f"encoded size {size} bytes exceeds the limit of {limit} bytes",
                 worker=worker,
             )
     return text

@@ -20,8 +20,12 @@ __all__ = ["main"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="PATH", help="TOML config file (default: ./oban.toml if present)")
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: OBAN_DSN, the config file, or embedded PostgreSQL)")
+    parser.add_argument(
+        "-c", "--config", metavar="PATH", help="TOML config file (default: ./oban.toml if present)"
+    )
+    parser.add_argument(
+        "--dsn", help="PostgreSQL DSN (default: OBAN_DSN, the config file, or embedded PostgreSQL)"
+    )
     parser.add_argument("--prefix", help="schema holding the oban tables (default: public)")
 
 
@@ -33,15 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="create or upgrade the schema (safe to run concurrently)")
     _common(migrate)
     migrate.add_argument("--to", type=int, metavar="N", help="migrate up to version N (default: latest)")
-    migrate.add_argument("--rollback", type=int, metavar="N",
-                         help="undo migrations above version N (0 removes every oban table)")
+    migrate.add_argument(
+        "--rollback",
+        type=int,
+        metavar="N",
+        help="undo migrations above version N (0 removes every oban table)",
+    )
 
     start = sub.add_parser("start", help="run queues until SIGTERM/SIGINT")
     _common(start)
     start.add_argument("--queues", metavar="Q:N,...", help="queues and limits, e.g. default:10,mail:5")
     start.add_argument("--node", help="node name (default: hostname.pid)")
     start.add_argument("--modules", metavar="M,...", help="worker modules to import, comma-separated")
-    start.add_argument("--migrate", action="store_true", default=None, help="apply migrations before starting")
+    start.add_argument(
+        "--migrate", action="store_true", default=None, help="apply migrations before starting"
+    )
     start.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     start.add_argument("--log-format", choices=["text", "json"])
 
@@ -87,8 +97,13 @@ def _start(args: argparse.Namespace) -> int:
 
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     config = _config(
-        args, queues=args.queues, node=args.node, modules=modules, migrate=args.migrate,
-        log_level=args.log_level, log_format=args.log_format,
+        args,
+        queues=args.queues,
+        node=args.node,
+        modules=modules,
+        migrate=args.migrate,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
     setup_logging(config.log_level, config.log_format)
     import_modules(config.modules, source=args.config or "oban.toml")

@@ -74,7 +74,9 @@ class Config(BaseModel):
     @classmethod
     def _prefix(cls, value: str) -> str:
         if not _PREFIX_RE.match(value):
-            raise ValueError("must be a plain PostgreSQL identifier (letters, digits, _; at most 63 characters)")
+            raise ValueError(
+                "must be a plain PostgreSQL identifier (letters, digits, _; at most 63 characters)"
+            )
         return value
 
     @field_validator("node")
@@ -156,14 +158,15 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError("config file not found", source=str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
     # Allow the settings to sit under an [oban] table too (handy in pyproject-style files).
     if set(data) == {"oban"} and isinstance(data["oban"], dict):
-        data = data["oban"]
+        nested: dict[str, Any] = data["oban"]
+        return nested
     return data
 
 
@@ -189,14 +192,13 @@ def build_config(layers: list[tuple[str, Mapping[str, Any]]]) -> Config:
         loc = [str(p) for p in err["loc"]]
         top = loc[0] if loc else ""
         key = ".".join(loc) or "config"
-        value: Any = merged.get(top) if top else None
+        bad: Any = merged.get(top) if top else None
         for part in loc[1:]:
-            value = value.get(part) if isinstance(value, Mapping) else value
+            bad = bad.get(part) if isinstance(bad, Mapping) else bad
         message = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key"
-        return_source = origin.get(top, "config")
-        raise ConfigError(message, key=key, value=value, source=return_source) from None
+        raise ConfigError(message, key=key, value=bad, source=origin.get(top, "config")) from None
 
 
 def load_config(

@@ -16,14 +16,14 @@ from typing import Any
 
 from .job import Job, Snooze
 from .oban import Oban
-from .worker import job, worker
+from .worker import Worker, job, worker
 
 QUEUES = {"demo": 5, "reports": 2}
 _failed_once: set[Any] = set()
 
 
 @worker(queue="demo", unique={"keys": ["order"], "period": 300})
-class ShipOrder:
+class ShipOrder(Worker):
     """A unique job: one shipment per order number."""
 
     async def process(self, job: Job[Any]) -> None:
@@ -31,7 +31,7 @@ class ShipOrder:
 
 
 @worker(queue="demo", max_attempts=3)
-class FlakyWebhook:
+class FlakyWebhook(Worker):
     """Fails its first attempt, then succeeds (a short custom backoff keeps the demo quick)."""
 
     def backoff(self, job: Job[Any]) -> float:
@@ -43,7 +43,7 @@ class FlakyWebhook:
 
 
 @worker(queue="demo")
-class WaitForStock:
+class WaitForStock(Worker):
     """Snoozes once (not counted as an attempt), then completes."""
 
     async def process(self, job: Job[Any]) -> Snooze | None:
@@ -71,7 +71,10 @@ async def _counts(oban: Oban) -> dict[str, int]:
 
 async def run_demo(*, dsn: str | None = None, jobs: int = 40, out: Any = None) -> int:
     out = out or sys.stdout
-    say = lambda text: print(text, file=out, flush=True)  # noqa: E731
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
     logging.getLogger("oban_py").setLevel(logging.ERROR)  # the flaky job's failure is expected
     async with Oban(dsn, prefix="oban_demo", migrate=True) as admin:  # start from an empty schema
         await admin.rollback(0)
@@ -81,8 +84,10 @@ async def run_demo(*, dsn: str | None = None, jobs: int = 40, out: Any = None) -
         orders = [ShipOrder.new({"order": n % max(1, jobs // 2), "rush": n % 3 == 0}) for n in range(jobs)]
         results = await oban.insert_all(orders)
         fresh = sum(not j.conflicted for j in results)
-        say(f"insert_all({len(orders)} ShipOrder): {fresh} inserted, {len(orders) - fresh} duplicates "
-            f"returned as conflicted=True with the holder's id")
+        say(
+            f"insert_all({len(orders)} ShipOrder): {fresh} inserted, {len(orders) - fresh} duplicates "
+            f"returned as conflicted=True with the holder's id"
+        )
         await oban.insert(FlakyWebhook.new({"url": "https://example.com/hook"}))
         await oban.insert(WaitForStock.new({"sku": "ABC-1"}))
         await oban.insert(ShipOrder.new({"order": "late"}, schedule_in=2))
@@ -97,7 +102,9 @@ async def run_demo(*, dsn: str | None = None, jobs: int = 40, out: Any = None) -
             if not unfinished or time.monotonic() - started > 60:
                 break
             await asyncio.sleep(0.5)
-        say(f"\ndone in {time.monotonic() - started:.1f}s: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        say(
+            f"\ndone in {time.monotonic() - started:.1f}s: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+        )
         say("inspect the rows: SELECT id, state, worker, args, attempt FROM oban_demo.oban_jobs;")
     return 0 if not unfinished else 1

@@ -99,7 +99,7 @@ class Job(Generic[ArgsT]):
         self.args = other.args
 
 
-class JobControl(Exception):  # noqa: N818 - these are outcomes, not errors
+class JobControl(Exception):
     """Base of the outcomes a job can return or raise instead of completing."""
 
 

@@ -74,7 +74,9 @@ class Oban:
         else:
             extra = {k: v for k, v in overrides.items() if v is not None}
             if extra:
-                config = build_config([("config", config.model_dump(exclude_unset=True)), ("arguments", extra)])
+                config = build_config(
+                    [("config", config.model_dump(exclude_unset=True)), ("arguments", extra)]
+                )
         self.config = config
         self.name = name
         self._external_pool = pool
@@ -88,7 +90,9 @@ class Oban:
     # -- construction helpers ---------------------------------------------------------------------
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike[str] | None = None, *, name: str = "default", **overrides: Any) -> Oban:
+    def from_toml(
+        cls, path: str | os.PathLike[str] | None = None, *, name: str = "default", **overrides: Any
+    ) -> Oban:
         """Build from oban.toml (``path`` or ./oban.toml), then ``OBAN_*`` env vars, then ``overrides``."""
         return cls(config=load_config(path, overrides=overrides), name=name)
 
@@ -108,7 +112,9 @@ class Oban:
     @property
     def driver(self) -> Driver:
         if self._driver is None:
-            raise ObanError("this Oban instance is not started: use `async with Oban(...)` or `await oban.start()`")
+            raise ObanError(
+                "this Oban instance is not started: use `async with Oban(...)` or `await oban.start()`"
+            )
         return self._driver
 
     async def __aenter__(self) -> Oban:
@@ -127,7 +133,9 @@ class Oban:
                 dsn, embedded = await asyncio.to_thread(resolve_dsn, self.config)
                 extra = 1 if (self.config.queues and self.config.notifier == "listen") else 0
                 self.pool = await create_pool(
-                    dsn, min_size=1, max_size=self.config.pool_size + extra,
+                    dsn,
+                    min_size=1,
+                    max_size=self.config.pool_size + extra,
                     application_name=f"oban_py:{self.config.node or os.getpid()}",
                 )
                 log.debug("connected to %s", masked_dsn(dsn))
@@ -216,11 +224,16 @@ class Oban:
 
             raw = await raw_connection(conn)
         return await _insert.insert_jobs(
-            self.driver, jobs, raw, chunk_size=self.config.insert_chunk_size,
+            self.driver,
+            jobs,
+            raw,
+            chunk_size=self.config.insert_chunk_size,
             max_args_bytes=self.config.max_args_bytes,
         )
 
-    async def enqueue(self, worker: Any, args: Any = None, /, *, conn: Any = None, **overrides: Any) -> Job[Any]:
+    async def enqueue(
+        self, worker: Any, args: Any = None, /, *, conn: Any = None, **overrides: Any
+    ) -> Job[Any]:
         """Insert a job for a registered worker (class, @job function or name)."""
         spec = spec_for(worker)
         return await self.insert(spec.new(args, **overrides), conn=conn)
@@ -307,16 +320,20 @@ class Oban:
 
     # -- queue control ----------------------------------------------------------------------------
 
-    async def _control(self, queue: str, node: str | None, *, paused: bool | None = None,
-                       limit: int | None = None) -> None:
+    async def _control(
+        self, queue: str, node: str | None, *, paused: bool | None = None, limit: int | None = None
+    ) -> None:
         validate_queue(queue)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000
+        ):
             raise ValidationError("limit", limit, "must be an integer from 1 to 10000")
         await self.driver.execute(
             "queue_control_upsert", name=queue, node=node or "", paused=paused, local_limit=limit
         )
-        await self.driver.notify(self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue,
-                                                                          "node": node}))
+        await self.driver.notify(
+            self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue, "node": node})
+        )
         if self.node is not None and (node is None or node == self.node.name):
             await self.node._refresh_controls()
 
@@ -333,8 +350,9 @@ class Oban:
 
     # -- running jobs inline ----------------------------------------------------------------------
 
-    async def drain_queue(self, queue: str = "default", *, with_scheduled: bool = False,
-                          limit: int = 10_000) -> dict[str, int]:
+    async def drain_queue(
+        self, queue: str = "default", *, with_scheduled: bool = False, limit: int = 10_000
+    ) -> dict[str, int]:
         """Run the queue's available jobs in this task, one at a time, until none are left.
 
         Meant for tests and scripts: no producer is needed. ``with_scheduled`` first makes the queue's

@@ -37,7 +37,9 @@ def import_modules(modules: list[str], source: str = "modules") -> None:
             importlib.import_module(name)
         except Exception as exc:
             raise ConfigError(
-                f"could not import module {name!r}: {type(exc).__name__}: {exc}", key="modules", value=name,
+                f"could not import module {name!r}: {type(exc).__name__}: {exc}",
+                key="modules",
+                value=name,
                 source=source,
             ) from None
 
@@ -59,7 +61,8 @@ async def run(config: Config, *, ready: Any = None) -> int:
             os._exit(1)
         log.info(
             "%s received: finishing running jobs (up to %ss); send it again to exit now",
-            signal.Signals(signum).name, config.shutdown_timeout,
+            signal.Signals(signum).name,
+            config.shutdown_timeout,
         )
         stop.set()
 

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -140,7 +140,9 @@ class UniqueOptions(BaseModel):
         if value is None:
             return None
         if not isinstance(value, Mapping):
-            raise ValueError("must map a state to the fields to replace, e.g. {'scheduled': ['scheduled_at']}")
+            raise ValueError(
+                "must map a state to the fields to replace, e.g. {'scheduled': ['scheduled_at']}"
+            )
         out: dict[str, Any] = {}
         for state, fields in value.items():
             name = str(state.value if isinstance(state, JobState) else state)
@@ -193,7 +195,9 @@ class UniqueOptions(BaseModel):
         if value is True:
             return base or cls()
         if not isinstance(value, Mapping):
-            raise UniqueOptionsError("unique", value, "must be True, False or a dict of options", worker=worker)
+            raise UniqueOptionsError(
+                "unique", value, "must be True, False or a dict of options", worker=worker
+            )
         data = dict(base.model_dump(exclude_unset=True)) if base else {}
         data.update(value)
         try:
@@ -209,7 +213,7 @@ class UniqueOptions(BaseModel):
             elif err["type"] == "literal_error" and loc.startswith("fields"):
                 message = "unknown field; fields are args, queue, worker, meta"
             elif err["type"] == "literal_error" and loc.startswith("replace"):
-                message = "unknown field; replaceable fields are " + ", ".join(ReplaceField.__args__)
+                message = "unknown field; replaceable fields are " + ", ".join(get_args(ReplaceField))
             raise UniqueOptionsError(field, bad, message, worker=worker) from None
 
 
@@ -248,7 +252,7 @@ def _custom_key(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
     if attr is None:
         return None
     if isinstance(attr, (staticmethod, classmethod)):
-        fn: Callable[[Job[Any]], Any] = getattr(worker_cls, "unique_key")
+        fn: Callable[[Job[Any]], Any] = getattr(worker_cls, "unique_key")  # noqa: B009
         return fn
     if callable(attr):
         return lambda job: attr(worker_cls(), job)

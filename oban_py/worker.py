@@ -16,7 +16,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
@@ -53,7 +53,10 @@ def validate_queue(value: Any, field: str = "queue", worker: str | None = None) 
         raise ValidationError(field, value, f"must be at most {MAX_QUEUE_LEN} characters", worker=worker)
     if not QUEUE_RE.match(value):
         raise ValidationError(
-            field, value, "may contain letters, digits and _ . : / - (and not start with . : / -)", worker=worker
+            field,
+            value,
+            "may contain letters, digits and _ . : / - (and not start with . : / -)",
+            worker=worker,
         )
     return value
 
@@ -72,8 +75,9 @@ def _validate_tags(value: Any, worker: str | None) -> list[str]:
     seen: dict[str, None] = {}
     for tag in value:
         if not isinstance(tag, str) or not tag.strip() or len(tag) > 255:
-            raise ValidationError("tags", tag, "each tag must be a non-empty string of at most 255 characters",
-                                  worker=worker)
+            raise ValidationError(
+                "tags", tag, "each tag must be a non-empty string of at most 255 characters", worker=worker
+            )
         seen.setdefault(tag.strip(), None)
     return list(seen)
 
@@ -128,7 +132,9 @@ class WorkerSpec:
         if unknown:
             name = sorted(unknown)[0]
             raise ValidationError(
-                name, overrides[name], f"unknown job option; options are {sorted(_INSERT_OVERRIDES)}",
+                name,
+                overrides[name],
+                f"unknown job option; options are {sorted(_INSERT_OVERRIDES)}",
                 worker=self.name,
             )
         data = self._args(args)
@@ -138,7 +144,7 @@ class WorkerSpec:
             overrides.get("max_attempts", self.max_attempts), "max_attempts", 1, MAX_ATTEMPTS_LIMIT, self.name
         )
         tags = _validate_tags(overrides["tags"], self.name) if "tags" in overrides else list(self.tags)
-        meta = overrides.get("meta", None)
+        meta = overrides.get("meta")
         if meta is None:
             meta = dict(self.meta)
         elif not isinstance(meta, Mapping):
@@ -147,8 +153,12 @@ class WorkerSpec:
             meta = {**self.meta, **meta}
         scheduled_at: datetime | None = None
         if "scheduled_at" in overrides and "schedule_in" in overrides:
-            raise ValidationError("schedule_in", overrides["schedule_in"], "give scheduled_at or schedule_in, not both",
-                                  worker=self.name)
+            raise ValidationError(
+                "schedule_in",
+                overrides["schedule_in"],
+                "give scheduled_at or schedule_in, not both",
+                worker=self.name,
+            )
         if overrides.get("scheduled_at") is not None:
             scheduled_at = _validate_scheduled_at(overrides["scheduled_at"], self.name)
         elif overrides.get("schedule_in") is not None:
@@ -157,27 +167,39 @@ class WorkerSpec:
         if "unique" in overrides:
             unique = UniqueOptions.parse(overrides["unique"], base=self.unique, worker=self.name)
         job: Job[Any] = Job(
-            worker=self.name, args=data, queue=queue, meta=meta, tags=tags, priority=priority,
-            max_attempts=max_attempts, scheduled_at=scheduled_at, unique=unique,
+            worker=self.name,
+            args=data,
+            queue=queue,
+            meta=meta,
+            tags=tags,
+            priority=priority,
+            max_attempts=max_attempts,
+            scheduled_at=scheduled_at,
+            unique=unique,
         )
         return job
 
     def _args(self, args: Any) -> dict[str, Any]:
         if self.args_model is not None:
             try:
-                model = args if isinstance(args, self.args_model) else self.args_model.model_validate(args or {})
+                model = (
+                    args if isinstance(args, self.args_model) else self.args_model.model_validate(args or {})
+                )
             except PydanticValidationError as exc:
                 err = exc.errors()[0]
                 loc = ".".join(str(p) for p in err["loc"])
-                raise ValidationError(f"args.{loc}" if loc else "args", err.get("input"), str(err["msg"]),
-                                      worker=self.name) from None
-            return cast(dict[str, Any], model.model_dump(mode="json"))
+                raise ValidationError(
+                    f"args.{loc}" if loc else "args", err.get("input"), str(err["msg"]), worker=self.name
+                ) from None
+            return model.model_dump(mode="json")
         if args is None:
             return {}
         if isinstance(args, BaseModel):
-            return cast(dict[str, Any], args.model_dump(mode="json"))
+            return args.model_dump(mode="json")
         if not isinstance(args, Mapping):
-            raise ValidationError("args", args, "must be a dict (or the worker's args model)", worker=self.name)
+            raise ValidationError(
+                "args", args, "must be a dict (or the worker's args model)", worker=self.name
+            )
         return dict(args)
 
     def load_args(self, data: Any) -> Any:
@@ -218,10 +240,18 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
     if oban_name is not None and not isinstance(oban_name, str):
         raise ValidationError("oban", oban_name, "must be the name of an Oban instance", worker=name)
     return WorkerSpec(
-        name=name, cls=cls, queue=queue, max_attempts=max_attempts, priority=priority, tags=tags,
-        meta=dict(meta), timeout=_validate_timeout(opts.get("timeout"), name),
-        unique=UniqueOptions.parse(opts.get("unique"), worker=name), args_model=args_model,
-        oban=oban_name, is_async=is_async,
+        name=name,
+        cls=cls,
+        queue=queue,
+        max_attempts=max_attempts,
+        priority=priority,
+        tags=tags,
+        meta=dict(meta),
+        timeout=_validate_timeout(opts.get("timeout"), name),
+        unique=UniqueOptions.parse(opts.get("unique"), worker=name),
+        args_model=args_model,
+        oban=oban_name,
+        is_async=is_async,
     )
 
 
@@ -234,8 +264,9 @@ def _check_options(opts: dict[str, Any], name: str) -> None:
     unknown = set(opts) - _WORKER_OPTIONS
     if unknown:
         bad = sorted(unknown)[0]
-        raise ValidationError(bad, opts[bad], f"unknown worker option; options are {sorted(_WORKER_OPTIONS)}",
-                              worker=name)
+        raise ValidationError(
+            bad, opts[bad], f"unknown worker option; options are {sorted(_WORKER_OPTIONS)}", worker=name
+        )
 
 
 def _instance_for(spec: WorkerSpec) -> Oban:
@@ -309,7 +340,9 @@ def worker(cls: Any = None, /, **options: Any) -> Any:
         _check_options(options, name)
         process = getattr(klass, "process", None)
         if process is None or not callable(process):
-            raise ValidationError("process", klass, "a worker class needs a process(self, job) method", worker=name)
+            raise ValidationError(
+                "process", klass, "a worker class needs a process(self, job) method", worker=name
+            )
         spec = _spec_options(name, klass, options, inspect.iscoroutinefunction(process))
         klass.__oban_worker__ = spec  # type: ignore[attr-defined]
         if "new" not in klass.__dict__:
@@ -333,8 +366,13 @@ class FunctionJob(Generic[P, R]):
     set job options for one insert.
     """
 
-    def __init__(self, fn: Callable[P, R], spec: WorkerSpec, signature: inspect.Signature,
-                 overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        spec: WorkerSpec,
+        signature: inspect.Signature,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.fn = fn
         self.spec = spec
         self._signature = signature
@@ -350,7 +388,9 @@ class FunctionJob(Generic[P, R]):
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise ValidationError("args", {"args": args, "kwargs": kwargs}, str(exc), worker=self.spec.name) from None
+            raise ValidationError(
+                "args", {"args": args, "kwargs": kwargs}, str(exc), worker=self.spec.name
+            ) from None
         data: dict[str, Any] = {}
         for name, value in bound.arguments.items():
             param = self._signature.parameters[name]
@@ -372,8 +412,12 @@ class FunctionJob(Generic[P, R]):
         unknown = set(overrides) - _INSERT_OVERRIDES
         if unknown:
             bad = sorted(unknown)[0]
-            raise ValidationError(bad, overrides[bad], f"unknown job option; options are {sorted(_INSERT_OVERRIDES)}",
-                                  worker=self.spec.name)
+            raise ValidationError(
+                bad,
+                overrides[bad],
+                f"unknown job option; options are {sorted(_INSERT_OVERRIDES)}",
+                worker=self.spec.name,
+            )
         return FunctionJob(self.fn, self.spec, self._signature, {**self._overrides, **overrides})
 
 
@@ -399,25 +443,35 @@ def job(fn: Any = None, /, **options: Any) -> Any:
         name = options.get("name") or f"{func.__module__}.{func.__qualname__}"
         _check_options(options, name)
         if "args" in options:
-            raise ValidationError("args", options["args"], "@job functions take their args from their signature",
-                                  worker=name)
+            raise ValidationError(
+                "args", options["args"], "@job functions take their args from their signature", worker=name
+            )
         signature = inspect.signature(func)
         for param in signature.parameters.values():
             if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
                 raise ValidationError(
-                    f"args.{param.name}", str(param),
-                    "@job functions cannot take positional-only or *args parameters (args are stored by name)",
+                    f"args.{param.name}",
+                    str(param),
+                    "@job functions cannot take positional-only or *args parameters "
+                    "(args are stored by name)",
                     worker=name,
                 )
         is_async = inspect.iscoroutinefunction(func)
         runner: type[Any]
         if is_async:
+
             async def process(self: Any, job: Job[Any]) -> Any:
                 return await type(self).fn(**job.args)
 
-            runner = type(f"{getattr(func, '__name__', 'job')}_worker", (), {"fn": staticmethod(func), "process": process})
+            runner = type(
+                f"{getattr(func, '__name__', 'job')}_worker",
+                (),
+                {"fn": staticmethod(func), "process": process},
+            )
         else:
-            runner = type(f"{getattr(func, '__name__', 'job')}_worker", (_FunctionRunner,), {"fn": staticmethod(func)})
+            runner = type(
+                f"{getattr(func, '__name__', 'job')}_worker", (_FunctionRunner,), {"fn": staticmethod(func)}
+            )
         spec = _spec_options(name, runner, options, is_async)
         runner.__oban_worker__ = spec
         _register(spec)
@@ -438,4 +492,3 @@ def spec_for(target: Any) -> WorkerSpec:
     if not isinstance(spec, WorkerSpec):
         raise ValidationError("worker", target, "is not a @worker class or @job function")
     return spec
-

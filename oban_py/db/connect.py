@@ -87,17 +87,24 @@ async def raw_connection(conn: Any) -> Any:
     ``AsyncSession`` using the asyncpg driver; statements then run inside the caller's transaction
     and roll back with it.
     """
-    if isinstance(conn, asyncpg.Connection) or hasattr(conn, "_con") or type(conn).__name__ == "PoolConnectionProxy":
+    if (
+        isinstance(conn, asyncpg.Connection)
+        or hasattr(conn, "_con")
+        or type(conn).__name__ == "PoolConnectionProxy"
+    ):
         return conn
     module = type(conn).__module__
     if module.startswith("sqlalchemy"):
         if hasattr(conn, "get_raw_connection"):  # AsyncConnection
-            fairy = await conn.get_raw_connection()
+            async_conn = conn
         elif hasattr(conn, "connection"):  # AsyncSession
             async_conn = await conn.connection()
-            fairy = await async_conn.get_raw_connection()
         else:  # pragma: no cover - other SQLAlchemy objects
             raise TypeError(f"cannot use {type(conn).__name__} as a connection")
+        # SQLAlchemy's asyncpg adapter sends BEGIN lazily, on its first statement; make sure the
+        # caller's transaction exists before we write through the raw connection.
+        await async_conn.exec_driver_sql("SELECT 1")
+        fairy = await async_conn.get_raw_connection()
         driver = getattr(fairy, "driver_connection", None)
         if not isinstance(driver, asyncpg.Connection):
             raise TypeError(
@@ -106,5 +113,6 @@ async def raw_connection(conn: Any) -> Any:
             )
         return driver
     raise TypeError(
-        f"conn= must be an asyncpg connection or a SQLAlchemy AsyncConnection/AsyncSession, not {type(conn).__name__}"
+        "conn= must be an asyncpg connection or a SQLAlchemy AsyncConnection/AsyncSession, "
+        f"not {type(conn).__name__}"
     )

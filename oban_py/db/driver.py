@@ -127,7 +127,10 @@ class Driver:
                 outcome = "cancelled" if lost["state"] == "cancelled" else "released"
                 log.info(
                     "unique key of job %s is held by job %s; job %s %s",
-                    job_id, holder["id"], job_id, outcome,
+                    job_id,
+                    holder["id"],
+                    job_id,
+                    outcome,
                     extra={"job_id": job_id, "holder_id": holder["id"], "outcome": outcome},
                 )
                 return outcome

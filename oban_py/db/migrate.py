@@ -71,7 +71,9 @@ async def rollback(conn: Any, prefix: str = "public", *, target: int = 0) -> lis
 
 async def current_version(conn: Any, prefix: str = "public") -> int:
     """Highest applied version, 0 when the schema has never been migrated."""
-    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(prefix)}.oban_migrations")
+    exists = await conn.fetchval(
+        "SELECT to_regclass($1) IS NOT NULL", f"{quote_ident(prefix)}.oban_migrations"
+    )
     if not exists:
         return 0
     version = await conn.fetchval(f"SELECT max(version) FROM {quote_ident(prefix)}.oban_migrations")

@@ -34,7 +34,9 @@ __all__ = ["Ack", "current_job", "default_backoff", "execute"]
 
 log = logging.getLogger("oban_py.job")
 
-_current: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar("oban_py_current_job", default=None)
+_current: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar(
+    "oban_py_current_job", default=None
+)
 MAX_TRACEBACK = 16_000
 MAX_RESULT_BYTES = 8 * 1024 * 1024
 
@@ -111,10 +113,14 @@ def _control(job: Job[Any], claim: datetime, value: JobControl) -> Ack:
         meta = {**value.meta, "snoozed": int(job.meta.get("snoozed", 0)) + 1}
         return Ack(jid, claim, "scheduled", delay=value.seconds, meta=json.dumps(meta), attempt_delta=-1)
     if isinstance(value, Cancel):
-        entry = json.dumps({
-            "attempt": job.attempt, "at": datetime.now(timezone.utc).isoformat(),
-            "kind": "cancelled", "error": value.reason,
-        })
+        entry = json.dumps(
+            {
+                "attempt": job.attempt,
+                "at": datetime.now(timezone.utc).isoformat(),
+                "kind": "cancelled",
+                "error": value.reason,
+            }
+        )
         return Ack(jid, claim, "cancelled", error=entry)
     if isinstance(value, Record):
         text = _json.encode(value.value, "result", limit=MAX_RESULT_BYTES, worker=job.worker)
@@ -166,12 +172,20 @@ async def execute(job: Job[Any], claim: datetime, *, limiter: anyio.CapacityLimi
     except JobControl as control:
         return _control(job, claim, control)
     except TimeoutError as exc:
-        log.warning("job %s (%s) timed out", job.id, job.worker, extra={"job_id": job.id, "worker": job.worker})
+        log.warning(
+            "job %s (%s) timed out", job.id, job.worker, extra={"job_id": job.id, "worker": job.worker}
+        )
         return _failure(job, claim, exc, instance, "timeout")
     except Exception as exc:
         log.warning(
-            "job %s (%s) attempt %s/%s failed: %s: %s", job.id, job.worker, job.attempt, job.max_attempts,
-            type(exc).__name__, exc, extra={"job_id": job.id, "worker": job.worker, "attempt": job.attempt},
+            "job %s (%s) attempt %s/%s failed: %s: %s",
+            job.id,
+            job.worker,
+            job.attempt,
+            job.max_attempts,
+            type(exc).__name__,
+            exc,
+            extra={"job_id": job.id, "worker": job.worker, "attempt": job.attempt},
         )
         return _failure(job, claim, exc, instance)
     finally:

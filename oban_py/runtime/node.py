@@ -66,8 +66,11 @@ class Node:
         self._healthy_since: float | None = None
         self._started = False
         self.ctx = ProducerContext(
-            driver=driver, node=self.name, instance=self.instance,
-            poll_interval=config.poll_interval, spawn=self.spawn,
+            driver=driver,
+            node=self.name,
+            instance=self.instance,
+            poll_interval=config.poll_interval,
+            spawn=self.spawn,
         )
         for queue, qc in config.queues.items():
             self.producers[queue] = Producer(self.ctx, queue, qc.limit, paused=qc.paused)
@@ -105,8 +108,10 @@ class Node:
             producer.start()
         self._started = True
         log.info(
-            "node %s started: queues %s", self.name,
-            ", ".join(f"{q}={p.limit}{' (paused)' if p.paused else ''}" for q, p in self.producers.items()) or "none",
+            "node %s started: queues %s",
+            self.name,
+            ", ".join(f"{q}={p.limit}{' (paused)' if p.paused else ''}" for q, p in self.producers.items())
+            or "none",
             extra={"node": self.name, "instance": self.instance},
         )
 
@@ -180,14 +185,17 @@ class Node:
     # -- services ---------------------------------------------------------------------------------
 
     def _meta(self) -> str:
-        return json.dumps({
-            "pid": os.getpid(),
-            "hostname": socket.gethostname(),
-            "version": __version__,
-            "queues": {
-                q: {"limit": p.limit, "paused": p.paused, "running": p.running} for q, p in self.producers.items()
-            },
-        })
+        return json.dumps(
+            {
+                "pid": os.getpid(),
+                "hostname": socket.gethostname(),
+                "version": __version__,
+                "queues": {
+                    q: {"limit": p.limit, "paused": p.paused, "running": p.running}
+                    for q, p in self.producers.items()
+                },
+            }
+        )
 
     async def _heartbeat(self) -> None:
         inserted = await self.driver.fetchval(
@@ -196,7 +204,10 @@ class Node:
         if inserted and self._started:
             log.warning(
                 "node %s had been presumed dead (no heartbeat for %ss); jobs it was running may have been "
-                "rescued and run elsewhere", self.name, self.config.rescue_after, extra={"node": self.name},
+                "rescued and run elsewhere",
+                self.name,
+                self.config.rescue_after,
+                extra={"node": self.name},
             )
 
     async def _lifeline(self) -> None:
@@ -215,7 +226,8 @@ class Node:
         )
         if rows:
             log.warning(
-                "rescued %d job(s) from processes that stopped heartbeating", len(rows),
+                "rescued %d job(s) from processes that stopped heartbeating",
+                len(rows),
                 extra={"job_ids": [r["id"] for r in rows][:50]},
             )
             self._after_transition(rows)
@@ -258,13 +270,17 @@ class Node:
         )
         leader = holder is not None and str(holder) == self.instance
         if leader != self.is_leader:
-            log.info("node %s %s leadership", self.name, "took" if leader else "lost", extra={"node": self.name})
+            log.info(
+                "node %s %s leadership", self.name, "took" if leader else "lost", extra={"node": self.name}
+            )
         self.is_leader = leader
 
     async def _prune(self) -> None:
         assert self.config.prune_after is not None
         for _ in range(10):
-            status = await self.driver.execute("job_prune", max_age=self.config.prune_after, limit=PRUNE_BATCH)
+            status = await self.driver.execute(
+                "job_prune", max_age=self.config.prune_after, limit=PRUNE_BATCH
+            )
             if int(status.split()[-1]) < PRUNE_BATCH:
                 break
 

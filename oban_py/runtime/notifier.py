@@ -82,7 +82,7 @@ class Notifier:
             conn: Any = None
             try:
                 conn = await self.driver.pool.acquire()
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.driver.insert_channel, self._insert)
                 await conn.add_listener(self.driver.signal_channel, self._signal)
                 if backoff.failures:
@@ -101,7 +101,9 @@ class Notifier:
                 if not is_transient(exc):
                     log.exception("notifier failed")
                 elif backoff.failures == 0:
-                    log.warning("notifier lost its connection (%s); polling until it reconnects", type(exc).__name__)
+                    log.warning(
+                        "notifier lost its connection (%s); polling until it reconnects", type(exc).__name__
+                    )
             finally:
                 self.connected.clear()
                 if conn is not None:
@@ -110,10 +112,14 @@ class Notifier:
                 await asyncio.sleep(backoff.next())
 
     async def _release(self, conn: Any) -> None:
+        """Hand the connection back (the pool replaces it if it is broken); never raises."""
         try:
             if not conn.is_closed():
                 await conn.remove_listener(self.driver.insert_channel, self._insert)
                 await conn.remove_listener(self.driver.signal_channel, self._signal)
-            await asyncio.wait_for(self.driver.pool.release(conn), 2.0)
-        except (Exception, asyncio.CancelledError):
+        except Exception:
             conn.terminate()
+        try:
+            await asyncio.wait_for(self.driver.pool.release(conn), 2.0)
+        except Exception:
+            log.debug("notifier connection could not be released cleanly", exc_info=True)

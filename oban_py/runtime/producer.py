@@ -82,6 +82,7 @@ class Producer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._reconcile = False
+        self._acks_written = False
         self._limiter = anyio.CapacityLimiter(max(1, limit))
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -92,7 +93,9 @@ class Producer:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"oban-producer-{self.queue}")
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"oban-producer-{self.queue}"
+            )
 
     def notify(self) -> None:
         self._wake.set()
@@ -123,7 +126,7 @@ class Producer:
         task.cancel()
         return True
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a grace period, not a deadline
         """Stop fetching, wait up to ``timeout`` for running jobs, then put the rest back."""
         self._stopping = True
         self.notify()
@@ -133,7 +136,10 @@ class Producer:
             if pending:
                 log.warning(
                     "queue %s: %d job(s) still running after %.1fs; putting them back in the queue",
-                    self.queue, len(pending), timeout, extra={"queue": self.queue},
+                    self.queue,
+                    len(pending),
+                    timeout,
+                    extra={"queue": self.queue},
                 )
                 for job_id, task in list(self._running.items()):
                     if task in pending:
@@ -147,7 +153,9 @@ class Producer:
             except asyncio.TimeoutError:
                 log.error(
                     "queue %s: could not write %d final ack(s); the jobs stay executing until rescued",
-                    self.queue, len(self._acks), extra={"queue": self.queue},
+                    self.queue,
+                    len(self._acks),
+                    extra={"queue": self.queue},
                 )
                 self._task.cancel()
 
@@ -172,8 +180,14 @@ class Producer:
                 delay = self._backoff.next()
                 if isinstance(exc, DatabaseUnavailable):
                     level = logging.WARNING if self._backoff.failures in (1, 10, 100) else logging.DEBUG
-                    log.log(level, "queue %s: %s; retrying in %.2fs", self.queue, exc, delay,
-                            extra={"queue": self.queue})
+                    log.log(
+                        level,
+                        "queue %s: %s; retrying in %.2fs",
+                        self.queue,
+                        exc,
+                        delay,
+                        extra={"queue": self.queue},
+                    )
                 else:
                     log.exception("queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay)
                 if self._stopping and self._backoff.failures > 20:
@@ -183,6 +197,15 @@ class Producer:
 
     async def _cycle(self) -> None:
         acks, self._acks = self._acks, []
+        try:
+            await self._cycle_with(acks)
+        except BaseException:
+            if acks and not self._acks_written:
+                self._acks[:0] = acks  # keep them for the next cycle, whatever failed
+            raise
+
+    async def _cycle_with(self, acks: list[Ack]) -> None:
+        self._acks_written = False
         demand = 0 if (self.paused or self._stopping) else self.limit - len(self._running)
         if not acks and demand <= 0 and not self._reconcile:
             return
@@ -190,15 +213,13 @@ class Producer:
         parked: list[int] = []
         async with driver.connection() as conn:
             if acks:
-                try:
-                    parked = await self._write_acks(conn, acks)
-                except BaseException:
-                    self._acks[:0] = acks
-                    raise
+                parked = await self._write_acks(conn, acks)
+                self._acks_written = True
             if self._reconcile:
+                # Jobs we hold: running ones and finished ones whose acks are still queued.
+                known = list(self._running) + [a.id for a in self._acks]
                 rows = await driver.fetch(
-                    "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance,
-                    known=list(self._running),
+                    "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance, known=known
                 )
                 self._reconcile = False
                 parked.extend(r["id"] for r in rows if r["parked"])
@@ -208,7 +229,11 @@ class Producer:
             if demand > 0:
                 try:
                     rows = await driver.fetch(
-                        "job_fetch", conn, queue=self.queue, demand=demand, node=self.ctx.node,
+                        "job_fetch",
+                        conn,
+                        queue=self.queue,
+                        demand=demand,
+                        node=self.ctx.node,
                         instance=self.ctx.instance,
                     )
                 except DatabaseUnavailable:
@@ -241,10 +266,14 @@ class Producer:
         except asyncio.CancelledError:
             reason = self._interrupts.pop(job.id, "shutdown")
             if reason == "shutdown":
-                entry = json.dumps({
-                    "attempt": job.attempt, "at": datetime.now(timezone.utc).isoformat(), "kind": "interrupted",
-                    "error": f"interrupted by shutdown of node {self.ctx.node}; returned to the queue",
-                })
+                entry = json.dumps(
+                    {
+                        "attempt": job.attempt,
+                        "at": datetime.now(timezone.utc).isoformat(),
+                        "kind": "interrupted",
+                        "error": f"interrupted by shutdown of node {self.ctx.node}; returned to the queue",
+                    }
+                )
                 ack = Ack(job.id, claim, "available", delay=0.0, error=entry, attempt_delta=-1)
             else:
                 ack = None  # cancelled or deleted by a user: the row already says so
@@ -271,10 +300,15 @@ async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:
         parked.extend(r["id"] for r in rows if r["parked"])
     if other:
         rows = await driver.fetch(
-            "job_ack", conn,
-            ids=[a.id for a in other], claims=[a.claim for a in other], states=[a.state for a in other],
-            delays=[a.delay for a in other], errors=[a.error for a in other],
-            results=[a.result for a in other], metas=[a.meta for a in other],
+            "job_ack",
+            conn,
+            ids=[a.id for a in other],
+            claims=[a.claim for a in other],
+            states=[a.state for a in other],
+            delays=[a.delay for a in other],
+            errors=[a.error for a in other],
+            results=[a.result for a in other],
+            metas=[a.meta for a in other],
             attempt_deltas=[a.attempt_delta for a in other],
         )
         parked.extend(r["id"] for r in rows if r["parked"])
