@@ -94,6 +94,22 @@ class Driver:
 
     # -- unique keys ------------------------------------------------------------------------------
 
+    async def transition(self, query: str, conn: Any = None, /, **params: Any) -> list[asyncpg.Record]:
+        """Run a state-changing query whose rows may become fetchable, settling parked rows first.
+
+        Rows returned with ``parked`` (they re-entered their unique group) take their key back, or lose
+        it to the holder, inside the same transaction: no producer can fetch them before that is
+        settled. Used for staging, rescue and jobs returned to the queue.
+        """
+        async with self.transaction(conn) as c:
+            rows = await self.fetch(query, c, **params)
+            parked = [r["id"] for r in rows if r["parked"]]
+            if parked:
+                for job_id in parked:
+                    await self._unpark_one(c, job_id, 200)
+                await c.execute("SET LOCAL lock_timeout TO DEFAULT")
+            return rows
+
     async def unpark(self, ids: Iterable[int], *, lock_timeout_ms: int = 200) -> dict[int, str]:
         """Give parked rows their unique key back, one short transaction each.
 
@@ -111,6 +127,7 @@ class Driver:
         return outcomes
 
     async def _unpark_one(self, conn: Any, job_id: int, lock_timeout_ms: int) -> str | None:
+        """Unpark one row in its own transaction, or in a savepoint of the caller's."""
         for _ in range(3):
             try:
                 async with conn.transaction():

@@ -221,7 +221,7 @@ class Node:
             self._healthy_since = now
         if now - self._healthy_since < self.config.rescue_after:
             return
-        rows = await self.driver.fetch(
+        rows = await self.driver.transition(
             "job_rescue", instance=self.instance, rescue_after=self.config.rescue_after, limit=RESCUE_BATCH
         )
         if rows:
@@ -233,13 +233,12 @@ class Node:
             self._after_transition(rows)
 
     async def _stage(self) -> None:
-        rows = await self.driver.fetch("job_stage", channel=self.driver.insert_channel, limit=STAGE_BATCH)
+        rows = await self.driver.transition(
+            "job_stage", channel=self.driver.insert_channel, limit=STAGE_BATCH
+        )
         self._after_transition(rows)
 
     def _after_transition(self, rows: list[Any]) -> None:
-        parked = [r["id"] for r in rows if r["parked"]]
-        if parked:
-            self.spawn(self.driver.unpark(parked))
         for queue in {r["queue"] for r in rows}:
             self._on_insert(queue)
 

@@ -218,11 +218,10 @@ class Producer:
             if self._reconcile:
                 # Jobs we hold: running ones and finished ones whose acks are still queued.
                 known = list(self._running) + [a.id for a in self._acks]
-                rows = await driver.fetch(
+                rows = await driver.transition(
                     "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance, known=known
                 )
                 self._reconcile = False
-                parked.extend(r["id"] for r in rows if r["parked"])
                 if rows:
                     log.info("queue %s: put back %d job(s) from an interrupted fetch", self.queue, len(rows))
                     self._wake.set()
@@ -291,25 +290,30 @@ class Producer:
 async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:
     """Write acks, plain completions through the lean statement; returns the ids that were parked."""
     simple = [a for a in acks if a.simple]
-    other = [a for a in acks if not a.simple]
+    back = [a for a in acks if a.state == "available"]  # fetchable again: settle unique keys first
+    other = [a for a in acks if not a.simple and a.state != "available"]
     parked: list[int] = []
     if simple:
         rows = await driver.fetch(
             "job_ack_completed", conn, ids=[a.id for a in simple], claims=[a.claim for a in simple]
         )
         parked.extend(r["id"] for r in rows if r["parked"])
-    if other:
-        rows = await driver.fetch(
-            "job_ack",
-            conn,
-            ids=[a.id for a in other],
-            claims=[a.claim for a in other],
-            states=[a.state for a in other],
-            delays=[a.delay for a in other],
-            errors=[a.error for a in other],
-            results=[a.result for a in other],
-            metas=[a.meta for a in other],
-            attempt_deltas=[a.attempt_delta for a in other],
-        )
-        parked.extend(r["id"] for r in rows if r["parked"])
+    for group, transition in ((other, False), (back, True)):
+        if not group:
+            continue
+        params: dict[str, Any] = {
+            "ids": [a.id for a in group],
+            "claims": [a.claim for a in group],
+            "states": [a.state for a in group],
+            "delays": [a.delay for a in group],
+            "errors": [a.error for a in group],
+            "results": [a.result for a in group],
+            "metas": [a.meta for a in group],
+            "attempt_deltas": [a.attempt_delta for a in group],
+        }
+        if transition:
+            await driver.transition("job_ack", conn, **params)
+        else:
+            rows = await driver.fetch("job_ack", conn, **params)
+            parked.extend(r["id"] for r in rows if r["parked"])
     return parked

@@ -190,7 +190,7 @@ WITH r AS (
          AS r(id, replace, args, meta, tags, priority, max_attempts, queue, scheduled_at, unique_period)
 ),
 target AS (
-    SELECT j.id, r.*, (r.replace::jsonb -> j.state::text) AS fields
+    SELECT r.*, (r.replace::jsonb -> j.state::text) AS fields
     FROM __prefix__.oban_jobs AS j JOIN r USING (id)
     WHERE r.replace::jsonb ? j.state::text
     FOR UPDATE OF j
