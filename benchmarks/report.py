@@ -66,7 +66,11 @@ DETAIL_KEYS = {"bulk_unique_half_dup": "dup_reported", "dup_contention": "outcom
 
 
 def machine_meta() -> dict[str, Any]:
-    meta: dict[str, Any] = {"cpus": os.cpu_count(), "kernel": platform.release(), "host_python": sys.version.split()[0]}
+    meta: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "host_python": sys.version.split()[0],
+    }
     try:
         with open("/proc/meminfo") as fh:
             meta["mem_gib"] = round(int(fh.readline().split()[1]) / 1024 / 1024, 1)
@@ -74,8 +78,12 @@ def machine_meta() -> dict[str, Any]:
         pass
     try:
         repo = Path(__file__).resolve().parent.parent
-        meta["repo_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip() or None
+        meta["repo_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         meta["repo_commit"] = None
     return meta
@@ -94,8 +102,15 @@ def summarise(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
         if "error" in r:
             failures.append({k: r.get(k) for k in ("system", "phase", "round", "error", "log")})
             continue
-        info.setdefault(s, {"version": r.get("version"), "python": r.get("python"),
-                            "postgres": r.get("postgres"), "notes": r.get("notes", "")})
+        info.setdefault(
+            s,
+            {
+                "version": r.get("version"),
+                "python": r.get("python"),
+                "postgres": r.get("postgres"),
+                "notes": r.get("notes", ""),
+            },
+        )
         if "unsupported" in r:
             unsupported.setdefault(ph, {})[s] = r["unsupported"]
             continue
@@ -107,10 +122,20 @@ def summarise(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
             details.setdefault(ph, {}).setdefault(s, r["details"][key])
     for (ph, k, s), vals in values.items():
         stats.setdefault(ph, {}).setdefault(k, {})[s] = {
-            "median": statistics.median(vals), "min": min(vals), "max": max(vals), "runs": len(vals),
+            "median": statistics.median(vals),
+            "min": min(vals),
+            "max": max(vals),
+            "runs": len(vals),
         }
-    return {"meta": meta, "systems": systems, "system_info": info, "results": stats,
-            "unsupported": unsupported, "details": details, "failures": failures}
+    return {
+        "meta": meta,
+        "systems": systems,
+        "system_info": info,
+        "results": stats,
+        "unsupported": unsupported,
+        "details": details,
+        "failures": failures,
+    }
 
 
 def fmt(v: float) -> str:
@@ -138,19 +163,28 @@ def render_markdown(summary: dict[str, Any], brief: bool = False) -> str:
     out: list[str] = []
     if not brief:
         out.append(f"# Benchmark results ({meta.get('mode')}, {meta.get('rounds')} round(s))\n")
-        out.append(f"Started {meta.get('started')}, took {meta.get('duration_s')} s. Machine: "
-                   f"{meta.get('cpus')} CPUs, {meta.get('mem_gib')} GiB, kernel {meta.get('kernel')}; "
-                   f"load average {meta.get('loadavg_start')} at start, {meta.get('loadavg_end')} at end. "
-                   f"Repo commit: {meta.get('repo_commit')}.\n")
-        out.append("Cells: median (min..max) over rounds. Ratio columns: system median / raw_asyncpg "
-                   "median (for rates higher is better; for latency and RSS lower is better). "
-                   "`n/a` = the system cannot do the phase (see below); empty = not run or failed.\n")
+        out.append(
+            f"Started {meta.get('started')}, took {meta.get('duration_s')} s. Machine: "
+            f"{meta.get('cpus')} CPUs, {meta.get('mem_gib')} GiB, kernel {meta.get('kernel')}; "
+            f"load average {meta.get('loadavg_start', 0):.2f} at start, {meta.get('loadavg_end', 0):.2f} at end. "
+            f"Repo commit: {meta.get('repo_commit')}.\n"
+        )
+        out.append(
+            "Cells: median (min..max) over rounds. Ratio columns: system median / raw_asyncpg "
+            "median (for rates higher is better; for latency and RSS lower is better). "
+            "`n/a` = the system cannot do the phase (see below); `raised` = the timed call raised, so "
+            "it has no rate; empty = not run or failed.\n"
+        )
         vers = ", ".join(f"{s} {i.get('version')}" for s, i in summary["system_info"].items())
-        out.append(f"Versions: {vers}. Python {next(iter(summary['system_info'].values()), {}).get('python')}, "
-                   f"PostgreSQL {next(iter(summary['system_info'].values()), {}).get('postgres')}.\n")
+        out.append(
+            f"Versions: {vers}. Python {next(iter(summary['system_info'].values()), {}).get('python')}, "
+            f"PostgreSQL {next(iter(summary['system_info'].values()), {}).get('postgres')}.\n"
+        )
         out.append("![chart](chart.png)\n")
         if meta.get("skipped"):
-            out.append("Skipped systems: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped"].items()) + "\n")
+            out.append(
+                "Skipped systems: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped"].items()) + "\n"
+            )
     header = ["phase", "metric", *systems, *(f"{s} / raw" for s in others)]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
@@ -159,7 +193,13 @@ def render_markdown(summary: dict[str, Any], brief: bool = False) -> str:
         if ph not in phases:
             continue
         per = res.get(ph, {}).get(metric, {})
-        cells = [("n/a" if s in unsup.get(ph, {}) else cell(per.get(s))) for s in systems]
+        raised = res.get(ph, {}).get("raised", {})
+        cells = [
+            "n/a"
+            if s in unsup.get(ph, {})
+            else cell(per.get(s)) or ("raised" if raised.get(s, {}).get("max") else "")
+            for s in systems
+        ]
         ratios = []
         base = per.get(BASELINE, {}).get("median")
         for s in others:
@@ -189,7 +229,12 @@ def render_markdown(summary: dict[str, Any], brief: bool = False) -> str:
     if params:
         out.append("\n## Phase parameters\n")
         for ph, p in params.items():
-            out.append(f"- `{ph}`: " + ", ".join(f"{k}={v:g}" for k, v in p.items()))
+            out.append(
+                f"- `{ph}`: "
+                + ", ".join(
+                    f"{k}={int(v):,}" if float(v).is_integer() else f"{k}={v:g}" for k, v in p.items()
+                )
+            )
     return "\n".join(out) + "\n"
 
 
@@ -236,8 +281,10 @@ def chart(outdir: Path) -> None:
     axes[2].set_yscale("linear")
     axes[2].set_title("Worker RSS, MB")
     meta = summary["meta"]
-    fig.suptitle(f"oban_py benchmarks: medians of {meta.get('rounds')} round(s), whiskers min..max "
-                 f"({meta.get('mode')} run, {meta.get('started')})")
+    fig.suptitle(
+        f"oban_py benchmarks: medians of {meta.get('rounds')} round(s), whiskers min..max "
+        f"({meta.get('mode')} run, {meta.get('started')})"
+    )
     fig.tight_layout()
     fig.savefig(outdir / "chart.png", dpi=110)
 

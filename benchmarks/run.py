@@ -105,8 +105,13 @@ def log(msg: str) -> None:
 
 def py_version(python: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            [python, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         major, minor = out.split()
         return int(major), int(minor)
     except (OSError, subprocess.SubprocessError, ValueError):
@@ -119,8 +124,10 @@ def find_python(explicit: str | None) -> str:
     if explicit:
         return explicit
     home = os.path.expanduser("~/.pyenv/versions")
-    candidates = sorted(glob.glob(f"{home}/3.12.*/bin/python"),
-                        key=lambda p: [int(x) for x in p.split("/")[-3].split(".") if x.isdigit()])
+    candidates = sorted(
+        glob.glob(f"{home}/3.12.*/bin/python"),
+        key=lambda p: [int(x) for x in p.split("/")[-3].split(".") if x.isdigit()],
+    )
     if candidates:
         return candidates[-1]
     return shutil.which("python3.12") or sys.executable
@@ -134,8 +141,9 @@ def _fingerprint(spec: SystemSpec | None, packages: tuple[str, ...], python: str
     return json.dumps(data, sort_keys=True)
 
 
-def ensure_venv(name: str, packages: tuple[str, ...], python: str, spec: SystemSpec | None = None
-                ) -> tuple[str | None, str]:
+def ensure_venv(
+    name: str, packages: tuple[str, ...], python: str, spec: SystemSpec | None = None
+) -> tuple[str | None, str]:
     """Create/refresh .venvs/<name>; return (venv python, "") or (None, reason)."""
     venv = VENVS / name
     vpy = venv / "bin" / "python"
@@ -166,8 +174,10 @@ def ensure_venv(name: str, packages: tuple[str, ...], python: str, spec: SystemS
 
 def prepare_system(spec: SystemSpec, python: str) -> tuple[str | None, str]:
     if not spec.script.exists():
-        return None, (f"benchmarks/systems/{spec.script.name} does not exist yet "
-                      "(see benchmarks/README.md, 'Adding a system')")
+        return None, (
+            f"benchmarks/systems/{spec.script.name} does not exist yet "
+            "(see benchmarks/README.md, 'Adding a system')"
+        )
     version = py_version(python)
     if version is None or version < spec.min_python:
         need = ".".join(map(str, spec.min_python))
@@ -190,8 +200,16 @@ def phase_flags(params: dict[str, float]) -> list[str]:
     return flags
 
 
-def run_one(spec: SystemSpec, vpy: str, phase: str, params: dict[str, float], dsn: str, rnd: int,
-            outdir: Path, timeout: float) -> dict:
+def run_one(
+    spec: SystemSpec,
+    vpy: str,
+    phase: str,
+    params: dict[str, float],
+    dsn: str,
+    rnd: int,
+    outdir: Path,
+    timeout: float,
+) -> dict:
     logfile = outdir / "logs" / f"{spec.name}.{phase}.r{rnd}.log"
     base = {"system": spec.name, "phase": phase, "round": rnd, "log": str(logfile.relative_to(outdir))}
     reset = subprocess.run([vpy, str(COMMON), "reset-db", "--dsn", dsn], capture_output=True, text=True)
@@ -199,14 +217,24 @@ def run_one(spec: SystemSpec, vpy: str, phase: str, params: dict[str, float], ds
         return {**base, "error": "database reset failed: " + reset.stderr.strip()[-300:]}
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as tmp:
         json_out = tmp.name
-    cmd = [vpy, str(spec.script), "--phase", phase, "--dsn", dsn, *phase_flags(params),
-           "--json-out", json_out]
+    cmd = [
+        vpy,
+        str(spec.script),
+        "--phase",
+        phase,
+        "--dsn",
+        dsn,
+        *phase_flags(params),
+        "--json-out",
+        json_out,
+    ]
     t0 = time.perf_counter()
     with open(logfile, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        proc = subprocess.Popen(cmd, cwd=SYSTEMS_DIR, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=SYSTEMS_DIR, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -225,8 +253,9 @@ def run_one(spec: SystemSpec, vpy: str, phase: str, params: dict[str, float], ds
         why = f"timed out after {timeout:.0f}s" if rc is None else f"exit code {rc}, no result"
         tail = logfile.read_text().strip().splitlines()[-1:] if logfile.exists() else []
         return {**base, "wall_s": wall, "error": f"{why}: {' '.join(tail)[-300:]}"}
-    result.update(round=rnd, wall_s=wall, returncode=rc, log=base["log"],
-                  loadavg=os.getloadavg()[0])
+    result.update(
+        round=rnd, wall_s=wall, returncode=rc, log=base["log"], loadavg=round(os.getloadavg()[0], 2)
+    )
     return result
 
 
@@ -246,17 +275,24 @@ def describe(res: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke run: small N, 1 round, raw_asyncpg + oban_py")
+    p.add_argument(
+        "--quick", action="store_true", help="CI smoke run: small N, 1 round, raw_asyncpg + oban_py"
+    )
     p.add_argument("--rounds", type=int, help="rounds (default 3, or 1 with --quick)")
     p.add_argument("--systems", help=f"comma list from {','.join(SYSTEMS)}")
     p.add_argument("--phases", help=f"comma list from {','.join(PHASES_FULL)}")
-    p.add_argument("--dsn", default=os.environ.get("BENCH_DSN", "postgresql://root@127.0.0.1:5432/postgres"),
-                   help="server to use; each system gets database oban_bench_<system> on it")
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get("BENCH_DSN", "postgresql://root@127.0.0.1:5432/postgres"),
+        help="server to use; each system gets database oban_bench_<system> on it",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "results", help="results root directory")
     p.add_argument("--python", help="interpreter for the venvs (default: newest pyenv 3.12)")
     p.add_argument("--timeout", type=float, help="seconds per run (default 1200, or 240 with --quick)")
     p.add_argument("--no-chart", action="store_true", help="skip the matplotlib chart")
-    p.add_argument("--keep-dbs", action="store_true", help="do not drop the oban_bench_* databases at the end")
+    p.add_argument(
+        "--keep-dbs", action="store_true", help="do not drop the oban_bench_* databases at the end"
+    )
     o = p.parse_args(argv)
     o.rounds = o.rounds or (1 if o.quick else 3)
     o.timeout = o.timeout or (240.0 if o.quick else 1200.0)
@@ -295,28 +331,43 @@ def main(argv: list[str] | None = None) -> int:
     raw_path = outdir / "raw.jsonl"
     order = [s for s in systems if s in ready]
     meta = report.machine_meta() | {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": "quick" if o.quick else "full",
-        "rounds": o.rounds, "systems": order, "phases": phases, "skipped": skipped,
-        "phase_params": {ph: table[ph] for ph in phases}, "interpreter": python,
-        "loadavg_start": os.getloadavg()[0],
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "mode": "quick" if o.quick else "full",
+        "rounds": o.rounds,
+        "systems": order,
+        "phases": phases,
+        "skipped": skipped,
+        "phase_params": {ph: table[ph] for ph in phases},
+        "interpreter": python,
+        "loadavg_start": round(os.getloadavg()[0], 2),
     }
     log(f"== results -> {outdir}")
     t_start = time.perf_counter()
     rows: list[dict] = []
     with open(raw_path, "w") as raw:
         for rnd in range(1, o.rounds + 1):
-            rotated = order[(rnd - 1) % len(order):] + order[:(rnd - 1) % len(order)]
+            rotated = order[(rnd - 1) % len(order) :] + order[: (rnd - 1) % len(order)]
             for ph in phases:
                 for name in rotated:
-                    res = run_one(SYSTEMS[name], ready[name], ph, table[ph], dsn_for(o.dsn, name), rnd,
-                                  outdir, o.timeout)
+                    res = run_one(
+                        SYSTEMS[name],
+                        ready[name],
+                        ph,
+                        table[ph],
+                        dsn_for(o.dsn, name),
+                        rnd,
+                        outdir,
+                        o.timeout,
+                    )
                     rows.append(res)
                     raw.write(json.dumps(res) + "\n")
                     raw.flush()
-                    log(f"[r{rnd}/{o.rounds} {time.perf_counter() - t_start:6.0f}s] {name:14s} {ph:22s} "
-                        f"{describe(res)}")
+                    log(
+                        f"[r{rnd}/{o.rounds} {time.perf_counter() - t_start:6.0f}s] {name:14s} {ph:22s} "
+                        f"{describe(res)}"
+                    )
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    meta["loadavg_end"] = os.getloadavg()[0]
+    meta["loadavg_end"] = round(os.getloadavg()[0], 2)
     meta["duration_s"] = round(time.perf_counter() - t_start)
 
     summary = report.summarise(rows, meta)
@@ -325,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if not o.no_chart:
         tools_py, why = ensure_venv("_tools", TOOLS_PACKAGES, python)
         if tools_py:
-            ch = subprocess.run([tools_py, str(ROOT / "report.py"), "chart", str(outdir)],
-                                capture_output=True, text=True)
+            ch = subprocess.run(
+                [tools_py, str(ROOT / "report.py"), "chart", str(outdir)], capture_output=True, text=True
+            )
             if ch.returncode != 0:
                 log("chart failed: " + ch.stderr.strip()[-500:])
         else:

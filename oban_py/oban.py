@@ -370,7 +370,15 @@ class Oban:
             if with_scheduled:
                 await driver.execute("job_make_due", queue=queue)
                 await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
-            rows = await driver.fetch("job_fetch", queue=queue, demand=1, node="drain", instance=instance)
+            rows = await driver.fetch(
+                "job_fetch_acking",
+                queue=queue,
+                demand=1,
+                node="drain",
+                instance=instance,
+                ack_ids=[],
+                ack_claims=[],
+            )
             if not rows:
                 break
             ack = await execute(job_from_record(rows[0]), rows[0]["attempted_at"])

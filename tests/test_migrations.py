@@ -80,7 +80,14 @@ async def test_each_step_round_trips(test_dsn: str) -> None:
 
 
 HOT_PATH = {
-    "job_fetch": {"queue": "q1", "demand": 10, "node": "n", "instance": str(uuid.uuid4())},
+    "job_fetch_acking": {
+        "queue": "q1",
+        "demand": 10,
+        "node": "n",
+        "instance": str(uuid.uuid4()),
+        "ack_ids": [1, 2],
+        "ack_claims": [None, None],
+    },
     "job_stage": {"channel": "c", "limit": 100},
     "job_prune": {"max_age": 3600.0, "limit": 100},
     "job_unique_sweep": {"limit": 100},

@@ -249,7 +249,9 @@ INSTANCE = str(uuid.uuid4())
 
 
 async def _fetch(oban: Oban, queue: str = "default") -> Any:
-    rows = await oban.driver.fetch("job_fetch", queue=queue, demand=1, node="t", instance=INSTANCE)
+    rows = await oban.driver.fetch(
+        "job_fetch_acking", queue=queue, demand=1, node="t", instance=INSTANCE, ack_ids=[], ack_claims=[]
+    )
     return rows[0]
 
 

@@ -36,10 +36,12 @@ async def noop(**kwargs: Any) -> None:
 class ChancyAdapter(common.Adapter):
     system = "chancy"
     version = version("chancy")
-    notes = ("log level WARNING (default INFO logs every job); Queue(concurrency=C, executor=Async, "
-             "polling_interval=1, eager_polling=True) instead of the 5 s / non-eager defaults; state "
-             "updates flushed every 1 s (default); dedupe = unique_key, duplicates return the existing "
-             "job's Reference silently; push_many = one INSERT per job, 1,000 per transaction")
+    notes = (
+        "log level WARNING (default INFO logs every job); Queue(concurrency=C, executor=Async, "
+        "polling_interval=1, eager_polling=True) instead of the 5 s / non-eager defaults; state "
+        "updates flushed every 1 s (default); dedupe = unique_key, duplicates return the existing "
+        "job's Reference silently; push_many = one INSERT per job, 1,000 per transaction"
+    )
     unsupported = {
         "process_keyed": (
             "no per-key limit: Queue.concurrency is per worker per queue, Queue.rate_limit is a "
@@ -57,9 +59,15 @@ class ChancyAdapter(common.Adapter):
 
     async def install(self) -> None:
         await self.chancy.migrate()
-        await self.chancy.declare(Queue(
-            "default", concurrency=self.opts.concurrency, executor=Chancy.Executor.Async,
-            polling_interval=1, eager_polling=True))
+        await self.chancy.declare(
+            Queue(
+                "default",
+                concurrency=self.opts.concurrency,
+                executor=Chancy.Executor.Async,
+                polling_interval=1,
+                eager_polling=True,
+            )
+        )
 
     async def insert_one(self, args: dict[str, Any]) -> Any:
         return (await self.chancy.push(noop.job.with_kwargs(**args))).identifier

@@ -32,16 +32,19 @@ class NoopWorker:
 class ObanPeerAdapter(common.Adapter):
     system = "obanpy_peer"
     version = version("oban")
-    notes = ("psycopg pool via Oban.create_pool (min 1 / max 10); client-mode Oban for inserts, "
-             "Oban(queues={'default': C}) worker; enqueue_many does one INSERT per job in one "
-             "transaction in the OSS package")
+    notes = (
+        "psycopg pool via Oban.create_pool (min 1 / max 10); client-mode Oban for inserts, "
+        "Oban(queues={'default': C}) worker; enqueue_many does one INSERT per job in one "
+        "transaction in the OSS package"
+    )
     unsupported = {
         "single_unique_insert": NO_UNIQUE,
         "bulk_unique_half_dup": NO_UNIQUE,
         "dup_contention": NO_UNIQUE,
         "retained_unique": NO_UNIQUE,
-        "process_keyed": ("queue limits are per node only; partitioned (per-key) and global limits "
-                          "are Oban Pro features"),
+        "process_keyed": (
+            "queue limits are per node only; partitioned (per-key) and global limits are Oban Pro features"
+        ),
     }
 
     async def open(self) -> None:

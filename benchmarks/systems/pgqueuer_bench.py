@@ -41,10 +41,12 @@ def _payload(args: dict[str, Any]) -> bytes:
 class PgqueuerAdapter(common.Adapter):
     system = "pgqueuer"
     version = PGQ_VERSION
-    notes = ("asyncpg driver; worker run(max_concurrent_tasks=C, batch_size=C//2, mode=continuous) on its "
-             "own connection; dedupe_key with on_conflict='raise' for single calls, 'skip' for bulk; "
-             "process_keyed emulated as one entrypoint per key with concurrency_limit=key_limit; "
-             "finished jobs are moved out of the pgqueuer table into pgqueuer_log (status 'successful')")
+    notes = (
+        "asyncpg driver; worker run(max_concurrent_tasks=C, batch_size=C//2, mode=continuous) on its "
+        "own connection; dedupe_key with on_conflict='raise' for single calls, 'skip' for bulk; "
+        "process_keyed emulated as one entrypoint per key with concurrency_limit=key_limit; "
+        "finished jobs are moved out of the pgqueuer table into pgqueuer_log (status 'successful')"
+    )
     dup_exceptions = (DuplicateJobError,)
 
     async def open(self) -> None:
@@ -71,8 +73,9 @@ class PgqueuerAdapter(common.Adapter):
 
     async def insert_bulk_unique(self, keys: list[str]) -> list[Any]:
         n = len(keys)
-        return await self.q.enqueue([ENTRYPOINT] * n, [None] * n, [0] * n, dedupe_key=list(keys),
-                                    on_conflict="skip")
+        return await self.q.enqueue(
+            [ENTRYPOINT] * n, [None] * n, [0] * n, dedupe_key=list(keys), on_conflict="skip"
+        )
 
     @contextlib.asynccontextmanager
     async def worker(self, spec: common.WorkerSpec) -> AsyncIterator[None]:
@@ -104,8 +107,10 @@ class PgqueuerAdapter(common.Adapter):
 
     def sql_count_jobs(self) -> str:
         # rows still queued/picked plus finished ones (moved to the log)
-        return ("SELECT (SELECT count(*) FROM pgqueuer) + "
-                "(SELECT count(*) FROM pgqueuer_log WHERE status = 'successful')")
+        return (
+            "SELECT (SELECT count(*) FROM pgqueuer) + "
+            "(SELECT count(*) FROM pgqueuer_log WHERE status = 'successful')"
+        )
 
     def sql_count_done(self) -> str:
         return "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"

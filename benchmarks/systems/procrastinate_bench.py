@@ -26,9 +26,11 @@ from procrastinate import App, PsycopgConnector, exceptions
 class ProcrastinateAdapter(common.Adapter):
     system = "procrastinate"
     version = version("procrastinate")
-    notes = ("psycopg connector, default pool; run_worker_async(concurrency=C, listen_notify=True, "
-             "delete_jobs='never'); dedupe = queueing_lock (status 'todo' only), duplicate raises "
-             "AlreadyEnqueued; bulk with per-job locks via app.job_manager.batch_defer_jobs_async")
+    notes = (
+        "psycopg connector, default pool; run_worker_async(concurrency=C, listen_notify=True, "
+        "delete_jobs='never'); dedupe = queueing_lock (status 'todo' only), duplicate raises "
+        "AlreadyEnqueued; bulk with per-job locks via app.job_manager.batch_defer_jobs_async"
+    )
     dup_exceptions = (exceptions.AlreadyEnqueued,)
     unsupported = {
         "process_keyed": (
@@ -73,7 +75,8 @@ class ProcrastinateAdapter(common.Adapter):
     @contextlib.asynccontextmanager
     async def worker(self, spec: common.WorkerSpec) -> AsyncIterator[None]:
         run = lambda: self.app.run_worker_async(  # noqa: E731
-            concurrency=spec.concurrency, wait=True, install_signal_handlers=False)
+            concurrency=spec.concurrency, wait=True, install_signal_handlers=False
+        )
         # cancelling run_worker_async is procrastinate's documented way to stop an embedded worker
         async with common.background(run) as task:
             self.worker_task = task

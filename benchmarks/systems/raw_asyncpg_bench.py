@@ -125,9 +125,11 @@ class RawWorker:
 class RawAdapter(common.Adapter):
     system = "raw_asyncpg"
     version = f"asyncpg {version('asyncpg')}"
-    notes = ("no library: table jobs(id bigserial, state, key, pkey, args jsonb) with a partial unique "
-             "index on key for available/executing rows; minimal SKIP LOCKED fetch + batched ack worker "
-             "on 2 connections (+LISTEN); inserts while a worker runs add pg_notify in the same statement")
+    notes = (
+        "no library: table jobs(id bigserial, state, key, pkey, args jsonb) with a partial unique "
+        "index on key for available/executing rows; minimal SKIP LOCKED fetch + batched ack worker "
+        "on 2 connections (+LISTEN); inserts while a worker runs add pg_notify in the same statement"
+    )
 
     async def open(self) -> None:
         self.conn = await asyncpg.connect(self.dsn)
@@ -143,25 +145,33 @@ class RawAdapter(common.Adapter):
         if self.worker_task is not None:  # wake the idle worker, as a queue library would
             return await self.conn.fetchval(
                 "WITH j AS (INSERT INTO jobs (args) VALUES ($1::jsonb) RETURNING id) "
-                "SELECT id FROM j, pg_notify('raw_jobs', '')", json.dumps(args))
-        return await self.conn.fetchval("INSERT INTO jobs (args) VALUES ($1::jsonb) RETURNING id",
-                                        json.dumps(args))
+                "SELECT id FROM j, pg_notify('raw_jobs', '')",
+                json.dumps(args),
+            )
+        return await self.conn.fetchval(
+            "INSERT INTO jobs (args) VALUES ($1::jsonb) RETURNING id", json.dumps(args)
+        )
 
     async def insert_unique(self, key: str, args: dict[str, Any]) -> Any:
         return await self.conn.fetchval(
             f"INSERT INTO jobs (key, args) VALUES ($1, $2::jsonb) {UNIQUE_CONFLICT} RETURNING id",
-            key, json.dumps(args))
+            key,
+            json.dumps(args),
+        )
 
     async def insert_bulk(self, args_list: list[dict[str, Any]]) -> list[Any]:
         rows = await self.conn.fetch(
             "INSERT INTO jobs (pkey, args) SELECT a->>'pk', a FROM unnest($1::jsonb[]) a RETURNING id",
-            [json.dumps(a) for a in args_list])
+            [json.dumps(a) for a in args_list],
+        )
         return [r["id"] for r in rows]
 
     async def insert_bulk_unique(self, keys: list[str]) -> list[Any]:
         rows = await self.conn.fetch(
             f"INSERT INTO jobs (key, args) SELECT k, jsonb_build_object('k', k) FROM unnest($1::text[]) k "
-            f"{UNIQUE_CONFLICT} RETURNING id", keys)
+            f"{UNIQUE_CONFLICT} RETURNING id",
+            keys,
+        )
         return [r["id"] for r in rows]
 
     @contextlib.asynccontextmanager
@@ -187,7 +197,9 @@ class RawAdapter(common.Adapter):
 
     def sql_fill(self, n: int, state: str) -> list[str]:
         if state == "done":
-            return [f"INSERT INTO jobs (state, key) SELECT 'completed', 'r' || g FROM generate_series(1, {n}) g"]
+            return [
+                f"INSERT INTO jobs (state, key) SELECT 'completed', 'r' || g FROM generate_series(1, {n}) g"
+            ]
         return [f"INSERT INTO jobs (args) SELECT jsonb_build_object('i', g) FROM generate_series(1, {n}) g"]
 
     def fill_tables(self) -> list[str]:

@@ -51,6 +51,17 @@ def unavailable(exc: BaseException, where: str = "") -> DatabaseUnavailable:
     return DatabaseUnavailable(text)
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Cheap pool reset: only roll back a transaction left open by an abnormal exit.
+
+    asyncpg's default reset sends ``RESET ALL; UNLISTEN *; ...`` on every release, a full round trip
+    that halved single-insert throughput. The engine leaves no session state behind (locks and
+    settings are transaction-scoped; the notifier removes its listeners), so nothing else is needed.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -68,6 +79,7 @@ async def create_pool(
             timeout=connect_timeout,
             command_timeout=None,
             max_inactive_connection_lifetime=300.0,
+            reset=_reset,
             server_settings={"application_name": application_name},
         )
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -82,7 +82,6 @@ class Producer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._reconcile = False
-        self._acks_written = False
         self._limiter = anyio.CapacityLimiter(max(1, limit))
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -200,24 +199,26 @@ class Producer:
         try:
             await self._cycle_with(acks)
         except BaseException:
-            if acks and not self._acks_written:
-                self._acks[:0] = acks  # keep them for the next cycle, whatever failed
+            # Keep them for the next cycle. Writing an ack twice is harmless: the claim guard
+            # turns the second write into a no-op.
+            self._acks[:0] = acks
             raise
 
     async def _cycle_with(self, acks: list[Ack]) -> None:
-        self._acks_written = False
         demand = 0 if (self.paused or self._stopping) else self.limit - len(self._running)
         if not acks and demand <= 0 and not self._reconcile:
             return
         driver = self.ctx.driver
         parked: list[int] = []
         async with driver.connection() as conn:
-            if acks:
-                parked = await self._write_acks(conn, acks)
-                self._acks_written = True
+            # Plain completions ride along with the fetch; everything else is written first.
+            riding = [a for a in acks if a.simple] if demand > 0 else []
+            rest = [a for a in acks if not (demand > 0 and a.simple)]
+            if rest:
+                parked = await self._write_acks(conn, rest)
             if self._reconcile:
-                # Jobs we hold: running ones and finished ones whose acks are still queued.
-                known = list(self._running) + [a.id for a in self._acks]
+                # Jobs we hold: running ones, and finished ones whose acks are not written yet.
+                known = list(self._running) + [a.id for a in riding] + [a.id for a in self._acks]
                 rows = await driver.transition(
                     "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance, known=known
                 )
@@ -228,17 +229,18 @@ class Producer:
             if demand > 0:
                 try:
                     rows = await driver.fetch(
-                        "job_fetch",
-                        conn,
-                        queue=self.queue,
-                        demand=demand,
-                        node=self.ctx.node,
-                        instance=self.ctx.instance,
-                    )
+                        "job_fetch_acking", conn, queue=self.queue, demand=demand, node=self.ctx.node,
+                        instance=self.ctx.instance, ack_ids=[a.id for a in riding],
+                        ack_claims=[a.claim for a in riding],
+                    )  # fmt: skip
                 except DatabaseUnavailable:
                     self._reconcile = True
                     raise
+                self.completed += len(riding)
                 for row in rows:
+                    if row["kind"] == "parked":
+                        parked.append(row["id"])
+                        continue
                     self._launch(row)
                     if row["parked"]:
                         parked.append(row["id"])
