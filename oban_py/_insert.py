@@ -137,12 +137,21 @@ async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_
     if len(items) == 1:
         it = items[0]
         rows = await driver.fetch(
-            "job_insert_one", conn, channel=driver.insert_channel, worker=it.job.worker, queue=it.job.queue,
-            args=it.args, meta=it.meta, tags=list(it.job.tags), priority=it.job.priority,
-            max_attempts=it.job.max_attempts, scheduled_at=it.job.scheduled_at,
-            unique_key=it.unique.key if it.unique else None, unique_states=it.unique.mask if it.unique else None,
+            "job_insert_one",
+            conn,
+            channel=driver.insert_channel,
+            worker=it.job.worker,
+            queue=it.job.queue,
+            args=it.args,
+            meta=it.meta,
+            tags=list(it.job.tags),
+            priority=it.job.priority,
+            max_attempts=it.job.max_attempts,
+            scheduled_at=it.job.scheduled_at,
+            unique_key=it.unique.key if it.unique else None,
+            unique_states=it.unique.mask if it.unique else None,
             unique_period=it.unique.period if it.unique else None,
-        )  # fmt: skip
+        )
     else:
         rows = await driver.fetch("job_insert", conn, channel=driver.insert_channel, **_columns(items))
     for row in rows:

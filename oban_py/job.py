@@ -91,10 +91,26 @@ class Job(Generic[ArgsT]):
     def _refresh_from(self, other: Job[Any]) -> None:
         """Copy the database-side fields of ``other`` into this object."""
         for name in (
-            "id", "state", "queue", "worker", "meta", "tags", "priority", "max_attempts",
-            "scheduled_at", "attempt", "errors", "result", "inserted_at", "attempted_at",
-            "attempted_by", "completed_at", "cancelled_at", "discarded_at", "conflicted",
-        ):  # fmt: skip
+            "id",
+            "state",
+            "queue",
+            "worker",
+            "meta",
+            "tags",
+            "priority",
+            "max_attempts",
+            "scheduled_at",
+            "attempt",
+            "errors",
+            "result",
+            "inserted_at",
+            "attempted_at",
+            "attempted_by",
+            "completed_at",
+            "cancelled_at",
+            "discarded_at",
+            "conflicted",
+        ):
             setattr(self, name, getattr(other, name))
         self.args = other.args
 

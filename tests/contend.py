@@ -38,7 +38,7 @@ async def main(dsn: str, prefix: str, keys: int, inserts: int, seed: int, out: s
                     jobs = [await oban.insert(Unique.new({"k": batch[0]}))]  # type: ignore[attr-defined]
                 else:
                     jobs = await oban.insert_all([Unique.new({"k": k}) for k in batch])  # type: ignore[attr-defined]
-                results.extend([k, j.id, j.conflicted] for k, j in zip(batch, jobs))
+                results.extend([k, j.id, j.conflicted] for k, j in zip(batch, jobs, strict=True))
             except Exception:
                 errors.append(traceback.format_exc())
             done += size

@@ -7,10 +7,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import wait_for
 
 from oban_py import Job, JobState, Oban, Worker, worker
 from oban_py.errors import JobNotFound
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import states, wait_for
 
 from oban_py import Cancel, Job, JobState, Oban, Record, Snooze, Worker, current_job, job, worker
+
+from helpers import states, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,11 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from helpers import states, wait_for
-from project import Project, wait_process_ready
 
 from oban_py import Job, Oban
+
+from helpers import states, wait_for
+from project import Project, wait_process_ready
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -10,9 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from helpers import wait_for
 from oban_py import Job, JobState, Oban, Snooze, UniqueOptions, Worker, worker
 from oban_py.errors import UniqueConflict, UniqueOptionsError, ValidationError
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +35,7 @@ async def test_seed_examples(oban: Oban, db: asyncpg.Connection, prefix: str) ->
 
     # "Detecting Conflicts"
     job = await oban.insert(MyWorker.new({"id": 1}, unique=True))
-    if job.conflicted:
+    if job.conflicted:  # noqa: SIM108 - the seed's example, as written
         message = "Job already exists"
     else:
         message = f"Job inserted with ID: {job.id}"
@@ -195,7 +196,7 @@ async def test_custom_key_function(oban: Oban) -> None:
     c = await MyWorker.enqueue({"email": "Ada@Example.com"}, unique=key_fn)
     d = await MyWorker.enqueue({"email": "ada@example.com"}, unique=key_fn)
     assert d.conflicted and d.id == c.id
-    with pytest.raises(ValidationError, match="unique.key"):
+    with pytest.raises(ValidationError, match=r"unique\.key"):
         await MyWorker.enqueue({"email": "x"}, unique={"key": lambda job: {1, 2}})
 
 
@@ -257,9 +258,16 @@ async def _fetch(oban: Oban, queue: str = "default") -> Any:
 
 async def _ack(oban: Oban, row: Any, state: str, delay: float | None = None) -> None:
     rows = await oban.driver.fetch(
-        "job_ack", ids=[row["id"]], claims=[row["attempted_at"]], states=[state], delays=[delay],
-        errors=[None], results=[None], metas=[None], attempt_deltas=[0],
-    )  # fmt: skip
+        "job_ack",
+        ids=[row["id"]],
+        claims=[row["attempted_at"]],
+        states=[state],
+        delays=[delay],
+        errors=[None],
+        results=[None],
+        metas=[None],
+        attempt_deltas=[0],
+    )
     parked = [r["id"] for r in rows if r["parked"]]
     if parked:
         await oban.driver.unpark(parked)
@@ -274,25 +282,43 @@ async def _blocks(oban: Oban, args: dict[str, Any], unique: dict[str, Any]) -> b
 
 CASES = {
     # name: (unique options, expected "blocks duplicates?" in: available, executing, then per final state)
-    "successful": ({}, True, True, {"completed": True, "retryable": True, "discarded": False, "cancelled": False}),
+    "successful": (
+        {},
+        True,
+        True,
+        {"completed": True, "retryable": True, "discarded": False, "cancelled": False},
+    ),
     "incomplete": (
-        {"group": "incomplete"}, True, True,
+        {"group": "incomplete"},
+        True,
+        True,
         {"completed": False, "retryable": True, "discarded": False, "cancelled": False},
     ),
-    "all": ({"group": "all"}, True, True, {"completed": True, "retryable": True, "discarded": True, "cancelled": True}),
+    "all": (
+        {"group": "all"},
+        True,
+        True,
+        {"completed": True, "retryable": True, "discarded": True, "cancelled": True},
+    ),
     "until_success": (
-        {"until": "success"}, True, True,
+        {"until": "success"},
+        True,
+        True,
         {"completed": False, "retryable": True, "discarded": False, "cancelled": False},
     ),
     "until_start": (
-        {"until": "start"}, True, False,
+        {"until": "start"},
+        True,
+        False,
         {"completed": False, "retryable": False, "discarded": False, "cancelled": False},
     ),
     "explicit": (
-        {"group": ["available", "executing", "completed"]}, True, True,
+        {"group": ["available", "executing", "completed"]},
+        True,
+        True,
         {"completed": True, "retryable": False, "discarded": False, "cancelled": False},
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -344,8 +370,12 @@ async def test_replace_only_in_listed_states(oban: Oban) -> None:
     assert second.conflicted and second.id == first.id
     stored = await oban.get_job(first.id)  # type: ignore[arg-type]
     assert (stored.args, stored.priority, stored.tags, stored.meta, stored.max_attempts) == (
-        {"id": 1, "v": "new"}, 3, ["x"], {"m": 1}, 2,
-    )  # fmt: skip
+        {"id": 1, "v": "new"},
+        3,
+        ["x"],
+        {"m": 1},
+        2,
+    )
     await _fetch(oban)  # executing: not a replace state
     third = await oban.insert(MyWorker.new({"id": 1, "v": "newest"}, unique=opts))
     assert third.conflicted and third.args == {"id": 1, "v": "new"}
@@ -456,8 +486,9 @@ async def test_manual_retry_names_the_holder(oban: Oban) -> None:
         ({"perod": 5}, "unique.perod"),
     ],
 )
-async def test_bad_options_raise_before_writing(oban: Oban, db: asyncpg.Connection, prefix: str,
-                                                options: dict[str, Any], field: str) -> None:  # fmt: skip
+async def test_bad_options_raise_before_writing(
+    oban: Oban, db: asyncpg.Connection, prefix: str, options: dict[str, Any], field: str
+) -> None:
     with pytest.raises(UniqueOptionsError) as info:
         await oban.insert_all([MyWorker.new({"ok": 1}), MyWorker.new({"id": 1}, unique=options)])
     assert info.value.field == field

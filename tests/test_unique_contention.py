@@ -28,8 +28,12 @@ class Unique:
         pass
 
 
-async def run_children(test_dsn: str, prefix: str, tmp_path: Path, started: asyncio.Event | None = None,
-                       ) -> list[dict[str, Any]]:  # fmt: skip
+async def run_children(
+    test_dsn: str,
+    prefix: str,
+    tmp_path: Path,
+    started: asyncio.Event | None = None,
+) -> list[dict[str, Any]]:
     outs = [tmp_path / f"out{i}.json" for i in range(PROCESSES)]
     procs = [
         await asyncio.create_subprocess_exec(
@@ -42,7 +46,7 @@ async def run_children(test_dsn: str, prefix: str, tmp_path: Path, started: asyn
             str(i),
             str(outs[i]),
             stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         for i in range(PROCESSES)
     ]
     if started is not None:
@@ -76,8 +80,9 @@ async def test_concurrent_inserters(
 
 
 @pytest.mark.parametrize("outcome", ["commit", "rollback"])
-async def test_holder_in_an_open_transaction(test_dsn: str, prefix: str, db: asyncpg.Connection, tmp_path: Path,
-                                             oban: Oban, outcome: str) -> None:  # fmt: skip
+async def test_holder_in_an_open_transaction(
+    test_dsn: str, prefix: str, db: asyncpg.Connection, tmp_path: Path, oban: Oban, outcome: str
+) -> None:
     held = list(range(50))
     conn = await asyncpg.connect(test_dsn)
     try:
@@ -89,7 +94,8 @@ async def test_holder_in_an_open_transaction(test_dsn: str, prefix: str, db: asy
         await started.wait()
         await asyncio.sleep(1.5)  # the children run into our uncommitted keys and wait on them
         blocked = await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
         )
         assert blocked > 0
         await (tx.commit() if outcome == "commit" else tx.rollback())

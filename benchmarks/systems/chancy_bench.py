@@ -23,9 +23,10 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
-import common
 from chancy import Chancy, Queue, Worker, job
 from chancy.app import setup_default_logger
+
+import common
 
 
 @job(queue="default")

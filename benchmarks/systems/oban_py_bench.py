@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
-import common
-
 from oban_py import Job, Oban, worker
+
+import common
 
 logging.getLogger("oban_py").setLevel(logging.WARNING)
 

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
-import common
 from oban import Oban, worker
 from oban.schema import install
+
+import common
 
 NO_UNIQUE = "no unique/dedupe option in open-source oban 0.7.0 (the README lists Unique Jobs under Oban Pro)"
 

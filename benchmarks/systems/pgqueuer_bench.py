@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import common
 from pgqueuer import PgQueuer
 from pgqueuer import __version__ as PGQ_VERSION
 from pgqueuer.db import AsyncpgDriver
@@ -30,6 +29,8 @@ from pgqueuer.errors import DuplicateJobError
 from pgqueuer.models import Job
 from pgqueuer.queries import Queries
 from pgqueuer.types import QueueExecutionMode
+
+import common
 
 ENTRYPOINT = "noop"
 

@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
 
-import common
 from procrastinate import App, PsycopgConnector, exceptions
+
+import common
 
 
 class ProcrastinateAdapter(common.Adapter):

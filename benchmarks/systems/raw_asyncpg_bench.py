@@ -18,6 +18,7 @@ from importlib.metadata import version
 from typing import Any
 
 import asyncpg
+
 import common
 
 DDL = """

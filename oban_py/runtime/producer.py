@@ -229,10 +229,15 @@ class Producer:
             if demand > 0:
                 try:
                     rows = await driver.fetch(
-                        "job_fetch_acking", conn, queue=self.queue, demand=demand, node=self.ctx.node,
-                        instance=self.ctx.instance, ack_ids=[a.id for a in riding],
+                        "job_fetch_acking",
+                        conn,
+                        queue=self.queue,
+                        demand=demand,
+                        node=self.ctx.node,
+                        instance=self.ctx.instance,
+                        ack_ids=[a.id for a in riding],
                         ack_claims=[a.claim for a in riding],
-                    )  # fmt: skip
+                    )
                 except DatabaseUnavailable:
                     self._reconcile = True
                     raise
