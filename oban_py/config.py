@@ -62,6 +62,8 @@ class Config(BaseModel):
     shutdown_timeout: float = Field(default=15.0, ge=0)
     prune_after: float | None = Field(default=86_400.0, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
+    vacuum_interval: float | None = Field(default=2.0, gt=0)
+    vacuum_threshold: int = Field(default=1000, ge=0)
     leadership: bool = True
     migrate: bool | None = None
     max_args_bytes: int = Field(default=1024 * 1024, ge=1024)
@@ -145,7 +147,8 @@ _ENV: dict[str, str] = {
 }
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings given as ``OBAN_*`` environment variables."""
     out: dict[str, Any] = {}
     for var, key in _ENV.items():
         value = env.get(var)
@@ -214,7 +217,7 @@ def load_config(
         layers.append((str(file), _read_toml(file)))
     elif Path(DEFAULT_FILE).is_file():
         layers.append((DEFAULT_FILE, _read_toml(Path(DEFAULT_FILE))))
-    env_values = _from_env(os.environ if env is None else env)
+    env_values = env_settings(os.environ if env is None else env)
     if env_values:
         layers.append(("env", env_values))
     if overrides:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from . import _insert
-from .config import Config, build_config, load_config
+from .config import Config, build_config, env_settings, load_config
 from .db.connect import create_pool
 from .db.driver import Driver
 from .db.migrate import current_version, latest_version, migrate, rollback
@@ -54,7 +54,8 @@ def resolve_dsn(config: Config) -> tuple[str, bool]:
 class Oban:
     """An engine instance: a connection pool, optionally queues running in this process."""
 
-    _instances: ClassVar[dict[str, Oban]] = {}
+    # Started instances by name; the latest started one of a name answers until it stops.
+    _instances: ClassVar[dict[str, list[Oban]]] = {}
 
     def __init__(
         self,
@@ -68,15 +69,16 @@ class Oban:
         config: Config | None = None,
         **options: Any,
     ) -> None:
-        overrides = {"dsn": dsn, "queues": queues, "prefix": prefix, "node": node, **options}
+        # None means "not given" for the named parameters; in **options it is a value (prune_after=None).
+        named = {"dsn": dsn, "queues": queues, "prefix": prefix, "node": node}
+        overrides = {**{k: v for k, v in named.items() if v is not None}, **options}
         if config is None:
-            config = build_config([("arguments", {k: v for k, v in overrides.items() if v is not None})])
-        else:
-            extra = {k: v for k, v in overrides.items() if v is not None}
-            if extra:
-                config = build_config(
-                    [("config", config.model_dump(exclude_unset=True)), ("arguments", extra)]
-                )
+            # OBAN_* environment variables, then arguments (oban.toml is read only by from_toml/the runner).
+            config = build_config([("env", env_settings(os.environ)), ("arguments", overrides)])
+        elif overrides:
+            config = build_config(
+                [("config", config.model_dump(exclude_unset=True)), ("arguments", overrides)]
+            )
         self.config = config
         self.name = name
         self._external_pool = pool
@@ -100,11 +102,12 @@ class Oban:
     def get_instance(cls, name: str | None = None) -> Oban | None:
         """A started instance by name; ``None`` means "default", or the only one running."""
         if name is not None:
-            return cls._instances.get(name)
-        if "default" in cls._instances:
-            return cls._instances["default"]
+            found = cls._instances.get(name)
+            return found[-1] if found else None
+        if cls._instances.get("default"):
+            return cls._instances["default"][-1]
         if len(cls._instances) == 1:
-            return next(iter(cls._instances.values()))
+            return next(iter(cls._instances.values()))[-1]
         return None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ class Oban:
                 await self._close_pool()
                 raise
             self._started = True
-            Oban._instances[self.name] = self
+            Oban._instances.setdefault(self.name, []).append(self)
             return self
 
     async def stop(self, *, shutdown_timeout: float | None = None) -> None:
@@ -161,8 +164,11 @@ class Oban:
         async with self._lock:
             if not self._started:
                 return
-            if Oban._instances.get(self.name) is self:
-                del Oban._instances[self.name]
+            stack = Oban._instances.get(self.name, [])
+            if self in stack:
+                stack.remove(self)
+            if not stack:
+                Oban._instances.pop(self.name, None)
             if self.node is not None:
                 await self.node.stop(shutdown_timeout)
                 self.node = None

@@ -93,6 +93,13 @@ class Node:
             self.services.append(
                 Periodic("unique-sweep", 10.0, self._sweep_unique, leader_only=True, is_leader=leader)
             )
+            if config.vacuum_interval:
+                self.services.append(
+                    Periodic(
+                        "vacuum", config.vacuum_interval, self._vacuum, leader_only=True, is_leader=leader
+                    )
+                )
+        self._may_vacuum = True
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -282,6 +289,19 @@ class Node:
             )
             if int(status.split()[-1]) < PRUNE_BATCH:
                 break
+
+    async def _vacuum(self) -> None:
+        if not self._may_vacuum:
+            return
+        row = await self.driver.fetchrow("jobs_dead_tuples")
+        if row is None:
+            return
+        if not row["owner"]:
+            self._may_vacuum = False
+            log.info("not vacuuming the jobs table: this role does not own it (autovacuum still runs)")
+            return
+        if row["dead"] >= self.config.vacuum_threshold:
+            await self.driver.execute("jobs_vacuum")
 
     async def _sweep_unique(self) -> None:
         await self.driver.execute("job_unique_sweep", limit=SWEEP_BATCH)
