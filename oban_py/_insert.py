@@ -32,8 +32,9 @@ from . import _json
 from .db.rows import job_from_record
 from .errors import ObanError, UnknownWorker, ValidationError
 from .job import Job, JobState
+from .limits import KeyedLimit, LimitOptions, resolve_limit
 from .unique import UniqueOptions, UniqueSpec, resolve_unique
-from .worker import MAX_ATTEMPTS_LIMIT, get_worker, validate_queue
+from .worker import MAX_ATTEMPTS_LIMIT, WorkerSpec, get_worker, validate_queue
 
 if TYPE_CHECKING:
     from .db.driver import Driver
@@ -54,6 +55,7 @@ class _Item:
     meta: str
     tags: str
     unique: UniqueSpec | None
+    limit: KeyedLimit | None = None
     result: Job[Any] | None = None
 
 
@@ -90,18 +92,28 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         raise ValidationError("tags", tags, "must be a list of strings", worker=worker)
     args_text = _json.encode(args, "args", limit=max_bytes, worker=worker)
     meta_text = _json.encode(job.meta, "meta", limit=max_bytes, worker=worker) if job.meta else "{}"
+    try:
+        spec: WorkerSpec | None = get_worker(worker)
+    except UnknownWorker:
+        spec = None
+    worker_cls = spec.cls if spec is not None else None
     unique: UniqueSpec | None = None
     options: Any = job.unique
     if options is not None:
         if not isinstance(options, UniqueOptions):  # a hand-built Job may carry True or a dict
             options = UniqueOptions.parse(options, worker=worker)
         if options is not None:
-            try:
-                worker_cls: type | None = get_worker(worker).cls
-            except UnknownWorker:
-                worker_cls = None
             unique = resolve_unique(options, job, args, worker_cls=worker_cls)
-    return _Item(index, job, args_text, meta_text, json.dumps(list(tags)) if tags else "[]", unique)
+    # A keyed limit belongs to the worker: a hand-built Job of a registered worker gets it too.
+    limit_options: Any = job.limit if job.limit is not None else (spec.limit if spec is not None else None)
+    limit: KeyedLimit | None = None
+    if limit_options is not None:
+        if not isinstance(limit_options, LimitOptions):
+            limit_options = LimitOptions.parse(limit_options, worker=worker)
+        if limit_options is not None:
+            limit = resolve_limit(limit_options, job, args, worker_cls=worker_cls)
+    tags_text = json.dumps(list(tags)) if tags else "[]"
+    return _Item(index, job, args_text, meta_text, tags_text, unique, limit)
 
 
 def _columns(items: Sequence[_Item]) -> dict[str, list[Any]]:
@@ -117,6 +129,9 @@ def _columns(items: Sequence[_Item]) -> dict[str, list[Any]]:
         "unique_keys": [it.unique.key if it.unique else None for it in items],
         "unique_states": [it.unique.mask if it.unique else None for it in items],
         "unique_periods": [it.unique.period if it.unique else None for it in items],
+        "limit_keys": [it.limit.key if it.limit else None for it in items],
+        "limit_tos": [it.limit.to if it.limit else None for it in items],
+        "limit_skips": [it.limit.skip if it.limit else False for it in items],
     }
 
 
@@ -151,6 +166,9 @@ async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_
             unique_key=it.unique.key if it.unique else None,
             unique_states=it.unique.mask if it.unique else None,
             unique_period=it.unique.period if it.unique else None,
+            limit_key=it.limit.key if it.limit else None,
+            limit_to=it.limit.to if it.limit else None,
+            limit_skip=it.limit.skip if it.limit else False,
         )
     else:
         rows = await driver.fetch("job_insert", conn, channel=driver.insert_channel, **_columns(items))

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     start.add_argument("--log-format", choices=["text", "json"])
 
+    queues = sub.add_parser("queues", help="show every queue, its nodes and limits, and busy limit keys")
+    _common(queues)
+    queues.add_argument("--keys", type=int, default=20, metavar="N", help="limit keys to show (default: 20)")
+
     demo = sub.add_parser("demo", help="insert example jobs and run them with live progress")
     demo.add_argument("--dsn", help="PostgreSQL DSN (default: OBAN_DSN or embedded PostgreSQL)")
     demo.add_argument("--jobs", type=int, default=40, help="how many example jobs (default: 40)")
@@ -91,6 +95,30 @@ async def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _queues(args: argparse.Namespace) -> int:
+    from .oban import Oban
+
+    async with Oban(config=_config(args).model_copy(update={"queues": {}})) as oban:
+        view = await oban.check_queues(limit_keys=args.keys)
+    print(f"{'queue':<24} {'available':>9} {'executing':>9} {'scheduled':>9} {'retryable':>9}  nodes")
+    for q in view.queues:
+        nodes = (
+            ", ".join(f"{n.node} {n.running}/{n.limit}{' paused' if n.paused else ''}" for n in q.nodes)
+            or "-"
+        )
+        extra = f" global {q.global_limit}" if q.global_limit else ""
+        extra += f" rate {q.rate_limit['allowed']}/{q.rate_limit['period']}s" if q.rate_limit else ""
+        counts = f"{q.available:>9} {q.executing:>9} {q.scheduled:>9} {q.retryable:>9}"
+        print(f"{q.name:<24} {counts}  {nodes}{extra}")
+    if view.limits:
+        print(f"\n{'limit key':<48} {'running':>7} {'waiting':>7} {'limit':>5}")
+        for lim in view.limits:
+            flag = "  blocked" if lim.blocked else ""
+            print(f"{lim.key[:48]:<48} {lim.running:>7} {lim.waiting:>7} {lim.limit:>5}{flag}")
+        print(f"\n{view.blocked_jobs} job(s) waiting on a full limit")
+    return 0
+
+
 def _start(args: argparse.Namespace) -> int:
     from ._logging import setup_logging
     from .runner import import_modules, run
@@ -121,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_migrate(args))
         if args.command == "start":
             return _start(args)
+        if args.command == "queues":
+            return asyncio.run(_queues(args))
         if args.command == "demo":
             from .demo import run_demo
 

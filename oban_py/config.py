@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import ValidationError as PydanticValidationError
 
 from .errors import ConfigError
+from .limits import RateLimit
 from .worker import validate_queue
 
 if sys.version_info >= (3, 11):
@@ -32,15 +33,55 @@ DEFAULT_FILE = "oban.toml"
 _PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
+def _pattern(value: str, field: str) -> str:
+    """A queue name, or a prefix pattern ending in ``*``."""
+    name = value[:-1] if value.endswith("*") else value
+    if value == "*":
+        return value
+    try:
+        validate_queue(name, field=field)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 class QueueConfig(BaseModel):
-    """One queue on this node."""
+    """One producer on this node: a queue, or an ordered selection of queues."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Jobs this node runs at once from the queue.
+    #: Jobs this node runs at once from the queue (or selection).
     limit: int = Field(default=10, ge=1, le=10_000)
     #: Start paused (a pause/resume made at runtime is stored in the database and wins).
     paused: bool = False
+    #: Running jobs of the queue across every node.
+    global_limit: int | None = Field(default=None, ge=1, le=100_000)
+    #: At most ``allowed`` starts per ``period`` seconds across every node (optionally ``by`` partition).
+    rate_limit: RateLimit | None = None
+    #: An ordered selection instead of one queue: names or ``prefix*`` patterns, drained in order.
+    queues: list[str] | None = None
+
+    @field_validator("queues")
+    @classmethod
+    def _selection(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one queue or pattern")
+        return [_pattern(v, "queues") for v in value]
+
+    @model_validator(mode="after")
+    def _limits(self) -> QueueConfig:
+        if self.global_limit is not None and self.limit > self.global_limit:
+            raise ValueError(
+                f"limit ({self.limit}) is above global_limit ({self.global_limit}): a node could never run "
+                "more than the global limit; lower limit or raise global_limit"
+            )
+        if self.queues is not None and (self.global_limit is not None or self.rate_limit is not None):
+            raise ValueError(
+                "global_limit and rate_limit belong to a single queue: set them in that queue's own table"
+            )
+        return self
 
 
 class Config(BaseModel):
@@ -97,13 +138,13 @@ class Config(BaseModel):
             raise ValueError("must be a table of queue = limit (or queue = {limit = n, ...})")
         out: dict[str, Any] = {}
         for name, spec in value.items():
-            try:
-                validate_queue(name, field=f"queues.{name}")
-            except ValueError as exc:
-                raise ValueError(str(exc)) from None
+            _pattern(name, f"queues.{name}")
             if isinstance(spec, bool):
                 raise ValueError(f"queue {name!r}: give a limit (integer) or a table")
-            out[name] = {"limit": spec} if isinstance(spec, int) else spec
+            spec = {"limit": spec} if isinstance(spec, int) else spec
+            if name.endswith("*") and isinstance(spec, Mapping) and "queues" not in spec:
+                spec = {**spec, "queues": [name]}  # "mail*" = 5: a selection of every mail... queue
+            out[name] = spec
         return out
 
     @model_validator(mode="after")

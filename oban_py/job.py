@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from .limits import LimitOptions
     from .unique import UniqueOptions
 
 __all__ = ["Cancel", "Job", "JobControl", "JobState", "Record", "Snooze"]
@@ -80,6 +81,8 @@ class Job(Generic[ArgsT]):
     conflicted: bool = False
     #: Unique options this job is inserted with (from the worker, or overridden on ``new``).
     unique: UniqueOptions | None = field(default=None, repr=False)
+    #: Keyed concurrency limit of this job's worker (see oban_py.limits).
+    limit: LimitOptions | None = field(default=None, repr=False)
     #: Unique key hash this job was inserted with (None for non-unique jobs or jobs read back).
     unique_key: bytes | None = field(default=None, repr=False)
 

@@ -31,8 +31,9 @@ from .db.driver import Driver
 from .db.migrate import current_version, latest_version, migrate, rollback
 from .db.rows import job_from_record
 from .embedded import masked_dsn
-from .errors import JobNotFound, MigrationError, ObanError, UniqueConflict, ValidationError
+from .errors import JobNotFound, LimitOptionsError, MigrationError, ObanError, UniqueConflict
 from .job import Job
+from .overview import Overview, overview
 from .runtime.executor import execute
 from .runtime.node import Node
 from .worker import spec_for, validate_queue
@@ -327,15 +328,30 @@ class Oban:
     # -- queue control ----------------------------------------------------------------------------
 
     async def _control(
-        self, queue: str, node: str | None, *, paused: bool | None = None, limit: int | None = None
+        self,
+        queue: str,
+        node: str | None,
+        *,
+        paused: bool | None = None,
+        limit: int | None = None,
+        global_limit: int | None = None,
     ) -> None:
-        validate_queue(queue)
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000
-        ):
-            raise ValidationError("limit", limit, "must be an integer from 1 to 10000")
+        if queue != "*" and not queue.endswith("*"):
+            validate_queue(queue)
+        for field, value, high in (("limit", limit, 10_000), ("global_limit", global_limit, 100_000)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high
+            ):
+                raise LimitOptionsError(field, value, f"must be an integer from 1 to {high}")
+        if limit is not None and global_limit is not None and limit > global_limit:
+            raise LimitOptionsError("limit", limit, f"is above global_limit ({global_limit})")
         await self.driver.execute(
-            "queue_control_upsert", name=queue, node=node or "", paused=paused, local_limit=limit
+            "queue_control_upsert",
+            name=queue,
+            node=node or "",
+            paused=paused,
+            local_limit=limit,
+            global_limit=global_limit,
         )
         await self.driver.notify(
             self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue, "node": node})
@@ -350,9 +366,26 @@ class Oban:
     async def resume_queue(self, queue: str, *, node: str | None = None) -> None:
         await self._control(queue, node, paused=False)
 
-    async def scale_queue(self, queue: str, *, limit: int, node: str | None = None) -> None:
-        """Change the per-node limit of ``queue`` on every node (or one). Survives restarts."""
-        await self._control(queue, node, limit=limit)
+    async def scale_queue(
+        self,
+        queue: str,
+        *,
+        limit: int | None = None,
+        global_limit: int | None = None,
+        node: str | None = None,
+    ) -> None:
+        """Change the per-node ``limit`` of ``queue`` on every node (or one), and/or its cluster-wide
+        ``global_limit``. Stored in the database: survives restarts and wins over the config."""
+        if limit is None and global_limit is None:
+            raise LimitOptionsError("limit", None, "give limit and/or global_limit")
+        if global_limit is not None and node is not None:
+            raise LimitOptionsError("node", node, "global_limit applies to every node; do not name one")
+        await self._control(queue, node, limit=limit, global_limit=global_limit)
+
+    async def check_queues(self, *, limit_keys: int = 50) -> Overview:
+        """Every queue (jobs by state, nodes running it and their limits) and the busiest limit keys
+        (running and waiting jobs), across the cluster."""
+        return await overview(self.driver, limit_keys=limit_keys)
 
     # -- running jobs inline ----------------------------------------------------------------------
 
@@ -377,23 +410,32 @@ class Oban:
                 await driver.execute("job_make_due", queue=queue)
                 await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
             rows = await driver.fetch(
-                "job_fetch_acking",
-                queue=queue,
+                "job_fetch_limited",
+                queues=[queue],
+                global_limits=[None],
+                rate_allowed=[None],
+                rate_periods=[None],
+                rate_by=[None],
                 demand=1,
                 node="drain",
                 instance=instance,
+                scan=50,
                 ack_ids=[],
                 ack_claims=[],
             )
             if not rows:
                 break
-            ack = await execute(job_from_record(rows[0]), rows[0]["attempted_at"])
-            async with driver.connection() as conn:
-                parked = await write_acks(driver, conn, [ack])
-            if parked:
-                await driver.unpark(parked)
-            counts[ack.state] = counts.get(ack.state, 0) + 1
-            done += 1
+            for row in rows:
+                if row["kind"] == "skipped":
+                    counts["cancelled"] = counts.get("cancelled", 0) + 1
+                    continue
+                ack = await execute(job_from_record(row), row["attempted_at"])
+                async with driver.connection() as conn:
+                    parked = await write_acks(driver, conn, [ack])
+                if parked:
+                    await driver.unpark(parked)
+                counts[ack.state] = counts.get(ack.state, 0) + 1
+                done += 1
         return counts
 
 

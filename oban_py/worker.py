@@ -23,6 +23,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from .errors import InstanceNotFound, UnknownWorker, ValidationError
 from .job import Job
+from .limits import LimitOptions
 from .unique import UniqueOptions
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class WorkerSpec:
     meta: Mapping[str, Any] = field(default_factory=dict)
     timeout: float | None = None
     unique: UniqueOptions | None = None
+    limit: LimitOptions | None = None
     args_model: type[BaseModel] | None = None
     oban: str | None = None
     is_async: bool = True
@@ -176,6 +178,7 @@ class WorkerSpec:
             max_attempts=max_attempts,
             scheduled_at=scheduled_at,
             unique=unique,
+            limit=self.limit,
         )
         return job
 
@@ -239,6 +242,11 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
     oban_name = opts.get("oban")
     if oban_name is not None and not isinstance(oban_name, str):
         raise ValidationError("oban", oban_name, "must be the name of an Oban instance", worker=name)
+    if opts.get("limit") is not None and opts.get("solo") not in (None, False):
+        raise ValidationError("solo", opts["solo"], "give limit or solo, not both", worker=name)
+    limit = LimitOptions.parse(opts.get("limit"), worker=name) or LimitOptions.parse_solo(
+        opts.get("solo"), worker=name
+    )
     return WorkerSpec(
         name=name,
         cls=cls,
@@ -249,6 +257,7 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
         meta=dict(meta),
         timeout=_validate_timeout(opts.get("timeout"), name),
         unique=UniqueOptions.parse(opts.get("unique"), worker=name),
+        limit=limit,
         args_model=args_model,
         oban=oban_name,
         is_async=is_async,
@@ -256,7 +265,20 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
 
 
 _WORKER_OPTIONS = frozenset(
-    {"queue", "max_attempts", "priority", "tags", "meta", "timeout", "unique", "args", "name", "oban"}
+    {
+        "queue",
+        "max_attempts",
+        "priority",
+        "tags",
+        "meta",
+        "timeout",
+        "unique",
+        "limit",
+        "solo",
+        "args",
+        "name",
+    }
+    | {"oban"}
 )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 WORKERS = """
 import asyncio
 import os
+import time
 
 from oban_py import worker
 
@@ -27,15 +28,29 @@ LOG = os.environ["OBAN_TEST_LOG"]
 
 def log(kind, job):
     with open(LOG, "a") as fh:
-        fh.write(f"{kind} {job.id} {os.getpid()}\\n")
+        fh.write(f"{kind} {job.id} {os.getpid()} {time.time():.6f} {job.args.get('k', '-')}\\n")
 
 
-@worker(queue="work", name="project.Sleepy")
-class Sleepy:
+class Body:
     async def process(self, job):
         log("start", job)
         await asyncio.sleep(job.args.get("sleep", 0.05))
         log("end", job)
+
+
+@worker(queue="work", name="project.Sleepy")
+class Sleepy(Body):
+    pass
+
+
+@worker(queue="keyed", name="project.Keyed", limit={"key": "k", "to": 2})
+class Keyed(Body):
+    pass
+
+
+@worker(queue="limited", name="project.Limited")
+class Limited(Body):
+    pass
 """
 
 
@@ -60,7 +75,10 @@ class Project:
         }
         queues = values.pop("queues", {"work": 5})
         lines = [f"{k} = {_toml(v)}" for k, v in values.items()]
-        lines += ["", "[queues]"] + [f"{q} = {n}" for q, n in queues.items()]
+        lines += ["", "[queues]"] + [f"{q} = {n}" for q, n in queues.items() if isinstance(n, int)]
+        for name, table in queues.items():
+            if isinstance(table, dict):
+                lines += ["", f"[queues.{name}]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
         (root / "oban.toml").write_text("\n".join(lines) + "\n")
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -79,10 +97,14 @@ class Project:
         return (self.root / f"runner-{index}.log").read_text()
 
     def events(self) -> list[tuple[str, int, int]]:
+        return [(kind, job_id, pid) for kind, job_id, pid, _, _ in self.timed_events()]
+
+    def timed_events(self) -> list[tuple[str, int, int, float, str]]:
+        """(kind, job id, pid, unix time, args["k"]) per logged start/end."""
         out = []
         for line in self.log.read_text().splitlines():
-            kind, job_id, pid = line.split()
-            out.append((kind, int(job_id), int(pid)))
+            kind, job_id, pid, at, key = line.split()
+            out.append((kind, int(job_id), int(pid), float(at), key))
         return out
 
     def counts(self, kind: str) -> Counter[int]:
@@ -111,6 +133,8 @@ class Project:
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -82,3 +82,24 @@ def test_demo_runs_to_completion(test_dsn: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "insert_all(10 ShipOrder): 5 inserted, 5 duplicates" in result.stdout
     assert "completed" in result.stdout.splitlines()[-2]
+
+
+async def test_queues_command_shows_blocked_keys(test_dsn: str, prefix: str, db: asyncpg.Connection) -> None:
+    table = f'"{prefix}".oban_jobs'
+    await db.execute(
+        f"INSERT INTO {table} (queue, worker, state, limit_key, limit_to, attempted_at) "
+        "VALUES ('imports', 'W', 'executing', 'W:7', 1, now())"
+    )
+    await db.execute(
+        f"INSERT INTO {table} (queue, worker, limit_key, limit_to) "
+        "SELECT 'imports', 'W', 'W:7', 1 FROM generate_series(1, 3)"
+    )
+    result = await asyncio.to_thread(cli, "queues", "--dsn", test_dsn, "--prefix", prefix)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("imports") and line.split()[1:3] == ["3", "1"] for line in lines)
+    assert any(
+        line.startswith("W:7") and line.split()[1:4] == ["1", "3", "1"] and "blocked" in line
+        for line in lines
+    )
+    assert "3 job(s) waiting on a full limit" in result.stdout

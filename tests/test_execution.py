@@ -259,3 +259,24 @@ async def test_drain_queue(oban: Oban, db: asyncpg.Connection, prefix: str) -> N
     counts = await oban.drain_queue("exec", with_scheduled=True)
     assert counts == {"completed": 3, "retryable": 2, "discarded": 1}
     assert await states(db, prefix) == {"completed": 3, "discarded": 1}
+
+
+async def test_notify_wakes_the_producer(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
+    runner = await make_oban(queues={"exec": 2}, poll_interval=30, stage_interval=30)
+    await runner.node.notifier.connected.wait()
+    await asyncio.sleep(0.3)  # let the first poll pass: from now on only a NOTIFY can wake it quickly
+    started = time.monotonic()
+    job_ = await runner.insert(Echo.new({"wake": 1}))
+    await wait_for(lambda: _state_is(db, prefix, job_.id, "completed"), timeout=5)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_poll_only_mode(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
+    runner = await make_oban(queues={"exec": 2}, notifier="poll", poll_interval=0.1)
+    assert runner.node.notifier is None
+    listeners = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
+    )
+    assert listeners == 0
+    job_ = await runner.insert(Echo.new({"poll": 1}))
+    await wait_for(lambda: _state_is(db, prefix, job_.id, "completed"), timeout=5)

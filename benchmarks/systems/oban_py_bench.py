@@ -28,6 +28,12 @@ class Noop:
         await common.job_body(job.args)
 
 
+@worker(name="bench.Keyed", queue="bench", limit={"key": "pk", "to": 2})
+class Keyed:
+    async def process(self, job: Job[Any]) -> None:
+        await common.job_body(job.args)
+
+
 UNIQUE = {"keys": ["key"]}
 
 
@@ -60,7 +66,10 @@ class ObanPyAdapter(common.Adapter):
         return None if job.conflicted else job.id
 
     async def insert_bulk(self, args_list: list[dict[str, Any]]) -> list[Any]:
-        jobs = await self.oban.insert_all([Noop.new(a) for a in args_list])  # type: ignore[attr-defined]
+        # process_keyed jobs carry a partition key "pk": they go to the keyed worker (limit per pk).
+        jobs = await self.oban.insert_all(
+            [(Keyed if "pk" in a else Noop).new(a) for a in args_list]  # type: ignore[attr-defined]
+        )
         return [j.id for j in jobs]
 
     async def insert_bulk_unique(self, keys: list[str]) -> list[Any]:
@@ -69,8 +78,6 @@ class ObanPyAdapter(common.Adapter):
 
     @contextlib.asynccontextmanager
     async def worker(self, spec: common.WorkerSpec) -> AsyncIterator[None]:
-        if spec.key_limit:
-            raise common.Unsupported("keyed limits land with issue 5")
         runner = Oban(self.dsn, queues={"bench": spec.concurrency}, name=f"bench-worker-{id(self)}")
         await runner.start()
         try:

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 from .._version import __version__
 from ..errors import DatabaseUnavailable
 from .notifier import Notifier
-from .producer import Producer, ProducerContext
+from .producer import Producer, ProducerContext, Target
 from .service import Periodic
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, QueueConfig
     from ..db.driver import Driver
 
 __all__ = ["Node", "default_node_name"]
@@ -73,7 +73,7 @@ class Node:
             spawn=self.spawn,
         )
         for queue, qc in config.queues.items():
-            self.producers[queue] = Producer(self.ctx, queue, qc.limit, paused=qc.paused)
+            self.producers[queue] = self._producer(queue, qc)
         self.notifier: Notifier | None = None
         if config.notifier == "listen":
             self.notifier = Notifier(
@@ -100,6 +100,40 @@ class Node:
                     )
                 )
         self._may_vacuum = True
+
+    def _target(self, queue: str) -> Target:
+        """A queue with the limits configured for it on this node (in its own [queues.<name>] table)."""
+        qc = self.config.queues.get(queue)
+        if qc is None or qc.queues is not None:
+            return Target(queue)
+        return Target(queue, qc.global_limit, qc.rate_limit)
+
+    def _producer(self, name: str, qc: QueueConfig) -> Producer:
+        if qc.queues is None:
+            return Producer(self.ctx, name, qc.limit, paused=qc.paused, targets=[self._target(name)])
+        exact = [self._target(q) for q in qc.queues if not q.endswith("*")]
+        patterns = qc.queues if any(q.endswith("*") for q in qc.queues) else None
+        return Producer(self.ctx, name, qc.limit, paused=qc.paused, targets=exact, patterns=patterns)
+
+    def _serving(self, queue: str) -> list[Producer]:
+        return [p for p in self.producers.values() if queue in p.queues]
+
+    def _expand(self, producer: Producer, available: list[str]) -> None:
+        """Resolve a selection's patterns against the queues that have jobs, keeping the list order."""
+        assert producer.patterns is not None
+        known = {t.queue: t for t in producer.targets}
+        ordered: list[Target] = []
+        for pattern in producer.patterns:
+            if pattern.endswith("*"):
+                names = sorted(q for q in available if q.startswith(pattern[:-1]))
+            else:
+                names = [pattern]
+            for name in names:
+                if all(t.queue != name for t in ordered):
+                    ordered.append(known.get(name) or self._target(name))
+        if [t.queue for t in ordered] != producer.queues:
+            producer.targets = ordered
+            producer.notify()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -164,9 +198,14 @@ class Node:
     # -- notifications ----------------------------------------------------------------------------
 
     def _on_insert(self, queue: str) -> None:
-        producer = self.producers.get(queue)
-        if producer is not None:
+        serving = self._serving(queue)
+        for producer in serving:
             producer.notify()
+        if not serving and any(
+            p.patterns and any(x.endswith("*") and queue.startswith(x[:-1]) for x in p.patterns)
+            for p in self.producers.values()
+        ):
+            self.controls.kick()  # a new queue for a wildcard selection
 
     def _on_signal(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
@@ -198,7 +237,19 @@ class Node:
                 "hostname": socket.gethostname(),
                 "version": __version__,
                 "queues": {
-                    q: {"limit": p.limit, "paused": p.paused, "running": p.running}
+                    q: {
+                        "limit": p.limit,
+                        "paused": p.paused,
+                        "running": p.running,
+                        "targets": [
+                            {
+                                "queue": t.queue,
+                                "global_limit": t.global_limit,
+                                "rate_limit": t.rate.model_dump() if t.rate else None,
+                            }
+                            for t in p.targets
+                        ],
+                    }
                     for q, p in self.producers.items()
                 },
             }
@@ -254,20 +305,34 @@ class Node:
         desired: dict[str, dict[str, Any]] = {}
         for row in rows:  # oldest first: the latest command wins
             entry = desired.setdefault(row["name"], {})
-            if row["paused"] is not None:
-                entry["paused"] = row["paused"]
-            if row["local_limit"] is not None:
-                entry["limit"] = row["local_limit"]
-        for queue, producer in self.producers.items():
-            entry = desired.get(queue, {})
-            paused = entry.get("paused", self.config.queues[queue].paused)
-            limit = entry.get("limit", self.config.queues[queue].limit)
+            for field, column in (("paused", "paused"), ("limit", "local_limit"), ("global", "global_limit")):
+                if row[column] is not None:
+                    entry[field] = row[column]
+        for name, producer in self.producers.items():
+            qc = self.config.queues[name]
+            entry = desired.get(name, {})
+            paused = entry.get("paused", qc.paused)
+            limit = entry.get("limit", qc.limit)
             if paused != producer.paused:
-                log.info("queue %s %s", queue, "paused" if paused else "resumed", extra={"queue": queue})
+                log.info("queue %s %s", name, "paused" if paused else "resumed", extra={"queue": name})
                 producer.set_paused(paused)
             if limit != producer.limit:
-                log.info("queue %s scaled to %s", queue, limit, extra={"queue": queue})
+                log.info("queue %s scaled to %s", name, limit, extra={"queue": name})
                 producer.set_limit(limit)
+            for target in producer.targets:
+                configured = self._target(target.queue).global_limit
+                wanted = desired.get(target.queue, {}).get("global", configured)
+                if wanted != target.global_limit:
+                    log.info(
+                        "queue %s global limit set to %s", target.queue, wanted, extra={"queue": target.queue}
+                    )
+                    target.global_limit = wanted
+                    producer.notify()
+        if any(p.patterns for p in self.producers.values()):
+            available = [r["queue"] for r in await self.driver.fetch("queue_names_available")]
+            for producer in self.producers.values():
+                if producer.patterns:
+                    self._expand(producer, available)
 
     async def _elect(self) -> None:
         ttl = max(3.0, self.config.heartbeat_interval * 3)

@@ -18,6 +18,7 @@ Failure handling:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import random
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..db.rows import job_from_record
-from ..errors import DatabaseUnavailable
+from ..errors import DatabaseUnavailable, UnknownWorker
 from ..job import Job
+from ..limits import RateLimit
+from ..worker import get_worker
 from .executor import Ack, _failure, execute
 
 if TYPE_CHECKING:
@@ -68,14 +71,41 @@ class Backoff:
         self.failures = 0
 
 
-class Producer:
-    """Fetches and runs the jobs of one queue on this node."""
+@dataclass
+class Target:
+    """A queue a producer takes jobs from, with the queue's cluster-wide limits."""
 
-    def __init__(self, ctx: ProducerContext, queue: str, limit: int, *, paused: bool = False) -> None:
+    queue: str
+    global_limit: int | None = None
+    rate: RateLimit | None = None
+
+
+class Producer:
+    """Fetches and runs the jobs of one queue (or an ordered selection of queues) on this node.
+
+    A producer for one queue without global or rate limits uses the plain fetch statement, which never
+    claims jobs that carry a keyed limit; once it sees such jobs waiting, or when the queue has limits,
+    or when it serves several queues, it claims through ``oban_fetch`` (see migration 002), which
+    enforces every limit under advisory locks.
+    """
+
+    def __init__(
+        self,
+        ctx: ProducerContext,
+        name: str,
+        limit: int,
+        *,
+        paused: bool = False,
+        targets: list[Target] | None = None,
+        patterns: list[str] | None = None,
+    ) -> None:
         self.ctx = ctx
-        self.queue = queue
+        self.name = name
         self.limit = limit
         self.paused = paused
+        self.patterns = patterns
+        self.targets: list[Target] = targets if targets is not None else [Target(name)]
+        self._keyed = False
         self._running: dict[int, asyncio.Task[None]] = {}
         self._interrupts: dict[int, str] = {}
         self._acks: list[Ack] = []
@@ -84,16 +114,31 @@ class Producer:
         self._reconcile = False
         self._limiter = anyio.CapacityLimiter(max(1, limit))
         self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
         self._backoff = Backoff()
         self.completed = 0
+
+    @property
+    def queue(self) -> str:
+        return self.name
+
+    @property
+    def queues(self) -> list[str]:
+        return [t.queue for t in self.targets]
+
+    @property
+    def limited(self) -> bool:
+        """Whether claims go through oban_fetch (limits, several queues, or keyed jobs seen)."""
+        if self._keyed or self.patterns or len(self.targets) != 1:
+            return True
+        target = self.targets[0]
+        return target.global_limit is not None or target.rate is not None
 
     # -- control ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
-                self._loop(), name=f"oban-producer-{self.queue}"
+                self._loop(), name=f"oban-producer-{self.name}"
             )
 
     def notify(self) -> None:
@@ -220,7 +265,7 @@ class Producer:
                 # Jobs we hold: running ones, and finished ones whose acks are not written yet.
                 known = list(self._running) + [a.id for a in riding] + [a.id for a in self._acks]
                 rows = await driver.transition(
-                    "job_release_unknown", conn, queue=self.queue, instance=self.ctx.instance, known=known
+                    "job_release_unknown", conn, queues=self.queues, instance=self.ctx.instance, known=known
                 )
                 self._reconcile = False
                 if rows:
@@ -228,29 +273,63 @@ class Producer:
                     self._wake.set()
             if demand > 0:
                 try:
-                    rows = await driver.fetch(
-                        "job_fetch_acking",
-                        conn,
-                        queue=self.queue,
-                        demand=demand,
-                        node=self.ctx.node,
-                        instance=self.ctx.instance,
-                        ack_ids=[a.id for a in riding],
-                        ack_claims=[a.claim for a in riding],
-                    )
+                    rows = await self._fetch(conn, demand, riding)
                 except DatabaseUnavailable:
                     self._reconcile = True
                     raise
                 self.completed += len(riding)
                 for row in rows:
-                    if row["kind"] == "parked":
+                    kind = row["kind"]
+                    if kind == "parked":
                         parked.append(row["id"])
-                        continue
-                    self._launch(row)
-                    if row["parked"]:
-                        parked.append(row["id"])
+                    elif kind == "keyed":
+                        if not self._keyed:
+                            log.info(
+                                "queue %s: jobs with keyed limits seen; claiming through oban_fetch",
+                                self.name,
+                            )
+                        self._keyed = True
+                        self._wake.set()
+                    elif kind == "skipped":
+                        self.ctx.spawn(_on_skip(job_from_record(row)))
+                    else:
+                        self._launch(row)
+                        if row["parked"]:
+                            parked.append(row["id"])
         if parked:
             self.ctx.spawn(driver.unpark(parked))
+
+    async def _fetch(self, conn: Any, demand: int, riding: list[Ack]) -> list[Any]:
+        driver = self.ctx.driver
+        ack_ids = [a.id for a in riding]
+        ack_claims = [a.claim for a in riding]
+        if not self.limited:
+            return await driver.fetch(
+                "job_fetch_acking",
+                conn,
+                queue=self.name,
+                demand=demand,
+                node=self.ctx.node,
+                instance=self.ctx.instance,
+                ack_ids=ack_ids,
+                ack_claims=ack_claims,
+            )
+        targets = self.targets
+        return await driver.fetch(
+            "job_fetch_limited",
+            conn,
+            queues=[t.queue for t in targets],
+            global_limits=[t.global_limit for t in targets],
+            rate_allowed=[t.rate.allowed if t.rate else None for t in targets],
+            rate_periods=[t.rate.period if t.rate else None for t in targets],
+            rate_by=[t.rate.by if t.rate else None for t in targets],
+            demand=demand,
+            node=self.ctx.node,
+            instance=self.ctx.instance,
+            scan=max(50, demand * 5),
+            ack_ids=ack_ids,
+            ack_claims=ack_claims,
+        )
 
     async def _write_acks(self, conn: Any, acks: list[Ack]) -> list[int]:
         parked = await write_acks(self.ctx.driver, conn, acks)
@@ -324,3 +403,21 @@ async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:
             rows = await driver.fetch("job_ack", conn, **params)
             parked.extend(r["id"] for r in rows if r["parked"])
     return parked
+
+
+async def _on_skip(job: Job[Any]) -> None:
+    """Run the worker's ``on_skip(job)`` for a job skipped by its limit (best effort, logged)."""
+    try:
+        spec = get_worker(job.worker)
+    except UnknownWorker:
+        return
+    hook = getattr(spec.cls, "on_skip", None)
+    log.info("job %s (%s) skipped: its limit key is busy", job.id, job.worker, extra={"job_id": job.id})
+    if hook is None:
+        return
+    try:
+        result = hook(spec.cls(), job)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("on_skip of job %s (%s) failed", job.id, job.worker)

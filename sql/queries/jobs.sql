@@ -59,7 +59,7 @@ WITH acked AS (
 ),
 locked AS (
     SELECT id FROM __prefix__.oban_jobs
-    WHERE state = 'available' AND queue = :queue
+    WHERE state = 'available' AND queue = :queue AND limit_key IS NULL
     ORDER BY priority, scheduled_at, id
     LIMIT :demand
     FOR UPDATE SKIP LOCKED
@@ -85,6 +85,12 @@ FROM fetched AS f
 UNION ALL
 SELECT 'parked', a.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
 FROM acked AS a WHERE a.parked
+UNION ALL
+-- This plain fetch never claims jobs with a keyed limit; it tells the producer they are waiting, and
+-- the producer switches to oban_fetch, which enforces the limit.
+SELECT 'keyed', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false
+WHERE EXISTS (SELECT 1 FROM __prefix__.oban_jobs AS k
+              WHERE k.state = 'available' AND k.queue = :queue AND k.limit_key IS NOT NULL)
 
 -- name: job_get
 SELECT j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args, j.meta::text AS meta, j.tags,
@@ -105,14 +111,15 @@ WITH input AS (
     SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
     FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
                 :priorities::smallint[], :max_attempts::smallint[], :scheduled_ats::timestamptz[],
-                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[])
+                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[],
+                :limit_keys::text[], :limit_tos::smallint[], :limit_skips::boolean[])
          WITH ORDINALITY AS t(worker, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                              unique_key, unique_states, unique_period, ord)
+                              unique_key, unique_states, unique_period, limit_key, limit_to, limit_skip, ord)
 ),
 ins AS (
     INSERT INTO __prefix__.oban_jobs AS j (
         id, state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
-        unique_key, unique_states, unique_expires_at)
+        unique_key, unique_states, unique_expires_at, limit_key, limit_to, limit_skip)
     SELECT i.id,
            (CASE WHEN i.scheduled_at > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
            i.queue, i.worker, i.args::jsonb, i.meta::jsonb,
@@ -120,7 +127,8 @@ ins AS (
                 ELSE ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)) END,
            i.priority, i.max_attempts, COALESCE(i.scheduled_at, now()),
            i.unique_key, i.unique_states,
-           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period)
+           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period),
+           i.limit_key, i.limit_to, i.limit_skip
     FROM input AS i
     ORDER BY i.ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
@@ -140,12 +148,13 @@ FROM ins JOIN input AS i USING (id) CROSS JOIN woken
 WITH ins AS (
     INSERT INTO __prefix__.oban_jobs AS j (
         state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
-        unique_key, unique_states, unique_expires_at)
+        unique_key, unique_states, unique_expires_at, limit_key, limit_to, limit_skip)
     VALUES (
         (CASE WHEN :scheduled_at::timestamptz > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
         :queue, :worker, :args::text::jsonb, :meta::text::jsonb, :tags::text[], :priority, :max_attempts,
         COALESCE(:scheduled_at::timestamptz, now()), :unique_key::bytea, :unique_states::integer,
-        COALESCE(:scheduled_at::timestamptz, now()) + make_interval(secs => :unique_period::float8))
+        COALESCE(:scheduled_at::timestamptz, now()) + make_interval(secs => :unique_period::float8),
+        :limit_key::text, :limit_to::smallint, :limit_skip::boolean)
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
     DO NOTHING
     RETURNING j.id, j.state, j.inserted_at, j.scheduled_at, j.queue
@@ -165,9 +174,10 @@ input AS (
     SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
     FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
                 :priorities::smallint[], :max_attempts::smallint[], :scheduled_ats::timestamptz[],
-                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[])
+                :unique_keys::bytea[], :unique_states::integer[], :unique_periods::float8[],
+                :limit_keys::text[], :limit_tos::smallint[], :limit_skips::boolean[])
          WITH ORDINALITY AS t(worker, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                              unique_key, unique_states, unique_period, ord)
+                              unique_key, unique_states, unique_period, limit_key, limit_to, limit_skip, ord)
 ),
 expired AS (
     UPDATE __prefix__.oban_jobs AS j SET unique_states = 0
@@ -180,7 +190,7 @@ expired AS (
 ins AS (
     INSERT INTO __prefix__.oban_jobs AS j (
         id, state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
-        unique_key, unique_states, unique_expires_at)
+        unique_key, unique_states, unique_expires_at, limit_key, limit_to, limit_skip)
     SELECT i.id,
            (CASE WHEN i.scheduled_at > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
            i.queue, i.worker, i.args::jsonb, i.meta::jsonb,
@@ -188,7 +198,8 @@ ins AS (
                 ELSE ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)) END,
            i.priority, i.max_attempts, COALESCE(i.scheduled_at, now()),
            i.unique_key, i.unique_states,
-           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period)
+           COALESCE(i.scheduled_at, now()) + make_interval(secs => i.unique_period),
+           i.limit_key, i.limit_to, i.limit_skip
     FROM input AS i
     WHERE i.unique_key IN (SELECT e.unique_key FROM expired AS e)
     ORDER BY i.ord
@@ -269,7 +280,7 @@ UPDATE __prefix__.oban_jobs AS j SET
     attempt = greatest(j.attempt - 1, 0),
     claimed_by = NULL,
     unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', 'available')
-WHERE j.state = 'executing' AND j.queue = :queue AND j.claimed_by = :instance
+WHERE j.state = 'executing' AND j.queue = ANY(:queues::text[]) AND j.claimed_by = :instance
   AND j.id <> ALL(:known::bigint[])
 RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
 
@@ -453,3 +464,31 @@ FROM expired WHERE j.id = expired.id
 -- drain_queue(with_scheduled=True): make the queue's scheduled and retryable jobs due now.
 UPDATE __prefix__.oban_jobs SET scheduled_at = now()
 WHERE state IN ('scheduled', 'retryable') AND queue = :queue
+
+-- name: job_fetch_limited
+-- Claim jobs for a producer with limits (keyed, global, rate) or several queues: see oban_fetch in
+-- migration 002 for how each limit is enforced under advisory locks.
+SELECT * FROM __prefix__.oban_fetch(
+    :queues::text[], :global_limits::integer[], :rate_allowed::integer[], :rate_periods::float8[],
+    :rate_by::text[], :demand::integer, :node::text, :instance::uuid, :scan::integer,
+    :ack_ids::bigint[], :ack_claims::timestamptz[])
+
+-- name: queue_overview
+-- Live jobs per queue and state for check_queues (finished jobs are history and not counted).
+SELECT j.queue, j.state::text AS state, count(*) AS n
+FROM __prefix__.oban_jobs AS j
+WHERE j.state IN ('scheduled', 'available', 'executing', 'retryable')
+GROUP BY j.queue, j.state
+
+-- name: limit_overview
+-- Running and waiting jobs per limit key, busiest first: so thousands of jobs waiting on a key are
+-- never invisible.
+SELECT j.limit_key AS key, min(j.queue) AS queue,
+       count(*) FILTER (WHERE j.state = 'executing') AS running,
+       count(*) FILTER (WHERE j.state = 'available') AS waiting,
+       max(j.limit_to) AS limit_to, bool_or(j.limit_skip) AS skips
+FROM __prefix__.oban_jobs AS j
+WHERE j.state IN ('available', 'executing') AND j.limit_key IS NOT NULL
+GROUP BY j.limit_key
+ORDER BY waiting DESC, running DESC, key
+LIMIT :limit
