@@ -90,7 +90,7 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         or not all(isinstance(t, str) for t in tags)
     ):
         raise ValidationError("tags", tags, "must be a list of strings", worker=worker)
-    args_text = _json.encode(args, "args", limit=max_bytes, worker=worker)
+    args_text, canonical = _json.encode_checked(args, "args", limit=max_bytes, worker=worker)
     meta_text = _json.encode(job.meta, "meta", limit=max_bytes, worker=worker) if job.meta else "{}"
     try:
         spec: WorkerSpec | None = get_worker(worker)
@@ -103,7 +103,9 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         if not isinstance(options, UniqueOptions):  # a hand-built Job may carry True or a dict
             options = UniqueOptions.parse(options, worker=worker)
         if options is not None:
-            unique = resolve_unique(options, job, args, worker_cls=worker_cls)
+            unique = resolve_unique(
+                options, job, args, worker_cls=worker_cls, args_text=args_text if canonical else None
+            )
     # A keyed limit belongs to the worker: a hand-built Job of a registered worker gets it too.
     limit_options: Any = job.limit if job.limit is not None else (spec.limit if spec is not None else None)
     limit: KeyedLimit | None = None

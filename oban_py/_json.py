@@ -18,13 +18,23 @@ from typing import Any
 
 from .errors import ValidationError
 
-_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# Stored JSON is written with sorted keys (jsonb does not keep key order anyway), so the stored text of
+# args is also their canonical form whenever they hold no integral float (see encode_args).
 _canonical = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), sort_keys=True)
+_encoder = _canonical
+
+
+_INTEGRAL_FLOAT = ("", None, "")
 
 
 def _find_problem(value: Any, path: str) -> tuple[str, Any, str] | None:
-    """Walk ``value``; return (path, bad value, reason) for the first thing JSON cannot carry exactly."""
+    """Walk ``value``; return (path, bad value, reason) for the first thing JSON cannot carry exactly.
+
+    Returns ``_INTEGRAL_FLOAT`` (not a problem) when the value is fine but holds a float like ``1.0``,
+    whose canonical form differs from its stored text.
+    """
     stack: list[tuple[str, Any]] = [(path, value)]
+    integral = False
     while stack:
         where, item = stack.pop()
         if item is None or isinstance(item, (str, bool, int)):
@@ -32,6 +42,7 @@ def _find_problem(value: Any, path: str) -> tuple[str, Any, str] | None:
         if isinstance(item, float):
             if not math.isfinite(item):
                 return where, item, "NaN and Infinity are not valid JSON"
+            integral = integral or item.is_integer()
             continue
         if isinstance(item, dict):
             for key, sub in item.items():
@@ -53,13 +64,20 @@ def _find_problem(value: Any, path: str) -> tuple[str, Any, str] | None:
         elif kind == "Decimal":
             hint = "; pass it as a string"
         return where, item, f"{kind} is not JSON-serialisable{hint}"
-    return None
+    return _INTEGRAL_FLOAT if integral else None
 
 
 def encode(value: Any, field: str, *, limit: int | None = None, worker: str | None = None) -> str:
     """Encode a JSON object for storage, or raise ValidationError naming the bad field."""
+    return encode_checked(value, field, limit=limit, worker=worker)[0]
+
+
+def encode_checked(
+    value: Any, field: str, *, limit: int | None = None, worker: str | None = None
+) -> tuple[str, bool]:
+    """Like :func:`encode`; also says whether the text is already canonical (no integral floats)."""
     problem = _find_problem(value, field)
-    if problem is not None:
+    if problem is not None and problem is not _INTEGRAL_FLOAT:
         where, bad, reason = problem
         raise ValidationError(where, bad, reason, worker=worker)
     text = _encoder.encode(value)
@@ -73,7 +91,7 @@ def encode(value: Any, field: str, *, limit: int | None = None, worker: str | No
                 f"encoded size {size} bytes exceeds the limit of {limit} bytes",
                 worker=worker,
             )
-    return text
+    return text, problem is None
 
 
 def decode(text: str | None) -> Any:
@@ -90,6 +108,23 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+_encode_str: Any = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+
+
+def _has_integral_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
+    if isinstance(value, dict):
+        return any(_has_integral_float(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_integral_float(v) for v in value)
+    return False
+
+
 def canonical(value: Any) -> str:
     """Stable text for hashing: sorted keys, compact, integral floats as ints."""
-    return _canonical.encode(_normalise(value))
+    if isinstance(value, str):
+        return str(_encode_str(value))
+    if _has_integral_float(value):
+        value = _normalise(value)
+    return _canonical.encode(value)

@@ -19,6 +19,7 @@ see ``docs/concurrency.md``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -139,7 +140,9 @@ def _lookup(data: Mapping[str, Any], path: str) -> Any:
     return current
 
 
+@functools.lru_cache(maxsize=1024)
 def _custom(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
+    """The worker's ``limit_key`` hook, if any (looked up once per class)."""
     if worker_cls is None:
         return None
     attr = inspect.getattr_static(worker_cls, "limit_key", None)

@@ -410,7 +410,7 @@ class Oban:
                 await driver.execute("job_make_due", queue=queue)
                 await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
             rows = await driver.fetch(
-                "job_fetch_limited",
+                "job_fetch",
                 queues=[queue],
                 global_limits=[None],
                 rate_allowed=[None],

@@ -24,6 +24,7 @@ Options (``@worker(unique=...)`` or per insert):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -176,8 +177,12 @@ class UniqueOptions(BaseModel):
 
     @property
     def mask(self) -> int:
-        mask = sum(STATE_BITS[s] for s in self.states)
-        return mask | UNTIL_START if self.until == "start" else mask
+        """The bitmask stored in ``unique_states``."""
+        return _plan(self).mask
+
+    @property
+    def replace_json(self) -> str | None:
+        return _plan(self).replace_json
 
     @classmethod
     def parse(
@@ -198,6 +203,21 @@ class UniqueOptions(BaseModel):
             raise UniqueOptionsError(
                 "unique", value, "must be True, False or a dict of options", worker=worker
             )
+        # Inserts often pass the same literal dict: validate it once per (dict text, worker options).
+        cache_key = repr(value)
+        cached = _PARSED.get(cache_key)
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        parsed = cls._parse_dict(value, base=base, worker=worker)
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[cache_key] = (base, parsed)
+        return parsed
+
+    @classmethod
+    def _parse_dict(
+        cls, value: Mapping[str, Any], *, base: UniqueOptions | None, worker: str | None
+    ) -> UniqueOptions:
         data = dict(base.model_dump(exclude_unset=True)) if base else {}
         data.update(value)
         try:
@@ -217,7 +237,7 @@ class UniqueOptions(BaseModel):
             raise UniqueOptionsError(field, bad, message, worker=worker) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UniqueSpec:
     """What a unique job sends to the database."""
 
@@ -228,12 +248,41 @@ class UniqueSpec:
 
     @property
     def replace_json(self) -> str | None:
-        if not self.options.replace:
-            return None
-        return _json.canonical({s: list(f) for s, f in self.options.replace.items()})
+        return self.options.replace_json
 
 
 _MISSING = object()
+_PARSED: dict[str, tuple[UniqueOptions | None, UniqueOptions]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What resolving a key needs from options, computed once per options object."""
+
+    mask: int
+    fields: tuple[str, ...]  # sorted: args < meta < queue < worker is the canonical key order
+    replace_json: str | None
+
+
+_PLANS: dict[int, tuple[UniqueOptions, _Plan]] = {}
+
+
+def _plan(options: UniqueOptions) -> _Plan:
+    found = _PLANS.get(id(options))
+    if found is not None and found[0] is options:
+        return found[1]
+    mask = sum(STATE_BITS[s] for s in options.states)
+    plan = _Plan(
+        mask=mask | UNTIL_START if options.until == "start" else mask,
+        fields=tuple(sorted(options.fields)),
+        replace_json=(
+            _json.canonical({s: list(f) for s, f in options.replace.items()}) if options.replace else None
+        ),
+    )
+    if len(_PLANS) >= 8192:
+        _PLANS.clear()
+    _PLANS[id(options)] = (options, plan)
+    return plan
 
 
 def _lookup(mapping: Mapping[str, Any], path: str) -> Any:
@@ -245,7 +294,9 @@ def _lookup(mapping: Mapping[str, Any], path: str) -> Any:
     return current
 
 
+@functools.lru_cache(maxsize=1024)
 def _custom_key(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
+    """The worker's ``unique_key`` hook, if any (looked up once per class)."""
     if worker_cls is None:
         return None
     attr = inspect.getattr_static(worker_cls, "unique_key", None)
@@ -265,33 +316,40 @@ def resolve_unique(
     args: Mapping[str, Any],
     *,
     worker_cls: type | None = None,
+    args_text: str | None = None,
 ) -> UniqueSpec:
-    """Compute the key for ``job`` under ``options`` (args already validated as JSON)."""
+    """Compute the key for ``job`` under ``options`` (args already validated as JSON).
+
+    ``args_text``: the canonical JSON of ``args`` when the caller has it, to avoid encoding twice.
+    """
+    plan = _plan(options)
     custom = options.key or _custom_key(worker_cls)
     if custom is not None:
         value = custom(job)
-        parts: Any = {"custom": value}
         _json.encode(value, "unique.key", worker=job.worker)
+        text = '{"custom":' + _json.canonical(value) + "}"
     else:
-        parts = {}
-        for name in options.fields:
-            if name == "worker":
-                parts["worker"] = job.worker
-            elif name == "queue":
-                parts["queue"] = job.queue
+        pieces: list[str] = []
+        found: list[Mapping[str, Any]] = []
+        for name in plan.fields:
+            if name == "worker" or name == "queue":
+                pieces.append(f'"{name}":' + _json.canonical(job.worker if name == "worker" else job.queue))
+                continue
+            source = args if name == "args" else job.meta
+            if options.keys is None:
+                piece = args_text if (name == "args" and args_text is not None) else _json.canonical(source)
             else:
-                source = args if name == "args" else job.meta
-                if options.keys is None:
-                    parts[name] = source
-                else:
-                    parts[name] = {p: v for p in options.keys if (v := _lookup(source, p)) is not _MISSING}
+                subset = {p: v for p in options.keys if (v := _lookup(source, p)) is not _MISSING}
+                found.append(subset)
+                piece = _json.canonical(subset)
+            pieces.append(f'"{name}":' + piece)
         if options.keys is not None:
-            maps = [parts[n] for n in ("args", "meta") if n in parts]
             for path in options.keys:
-                if not any(path in m for m in maps):
-                    where = " or ".join(n for n in ("args", "meta") if n in parts)
+                if not any(path in m for m in found):
+                    where = " or ".join(n for n in ("args", "meta") if n in options.fields)
                     raise UniqueOptionsError(
                         "unique.keys", path, f"key path not found in the job's {where}", worker=job.worker
                     )
-    digest = hashlib.blake2b(_json.canonical(parts).encode(), digest_size=16).digest()
-    return UniqueSpec(options=options, key=digest, mask=options.mask, period=options.period)
+        text = "{" + ",".join(pieces) + "}"
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    return UniqueSpec(options=options, key=digest, mask=plan.mask, period=options.period)

@@ -92,12 +92,13 @@ async def test_keyed_limit_across_three_runners(tmp_path: Path, test_dsn: str, p
 
 async def test_keyed_limit_survives_a_killed_runner(tmp_path: Path, test_dsn: str, prefix: str, oban: Oban,
                                                     db: asyncpg.Connection) -> None:  # fmt: skip
-    proj = Project(tmp_path, test_dsn, prefix, queues={"keyed": 20}, rescue_after=1.0)
+    proj = Project(tmp_path, test_dsn, prefix, queues={"keyed": 10}, rescue_after=1.0)
     try:
         await start_runners(proj, 3)
         await oban.insert_all([keyed(n % 20, 0.3) for n in range(200)])
         await proj.wait_events("end", 40)
-        victim = proj.procs[0]
+        busy = {pid for kind, _, pid in proj.events() if kind == "start"}
+        victim = next(p for p in proj.procs if p.pid in busy)  # a runner with jobs in hand
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         killed = {victim.pid: time.time()}

@@ -80,11 +80,16 @@ async def test_each_step_round_trips(test_dsn: str) -> None:
 
 
 HOT_PATH = {
-    "job_fetch_acking": {
-        "queue": "q1",
+    "job_fetch": {
+        "queues": ["q1"],
+        "global_limits": [None],
+        "rate_allowed": [None],
+        "rate_periods": [None],
+        "rate_by": [None],
         "demand": 10,
         "node": "n",
         "instance": str(uuid.uuid4()),
+        "scan": 20,
         "ack_ids": [1, 2],
         "ack_claims": [None, None],
     },
@@ -114,6 +119,18 @@ async def test_hot_path_queries_use_indexes(db: asyncpg.Connection, prefix: str,
     q = Queries(prefix)[query]
     plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {q.text}", *q.args(HOT_PATH[query])))
     assert not _seq_scans_on_jobs(plan), json.dumps(plan, indent=1)
+    # EXPLAIN cannot see inside oban_fetch: count the sequential scans the query really made.
+    tx = db.transaction()
+    await tx.start()
+    try:
+        await db.fetch(q.text, *q.args(HOT_PATH[query]))
+        seq_scans = await db.fetchval(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = $1::regclass",
+            f'"{prefix}".oban_jobs',
+        )
+    finally:
+        await tx.rollback()
+    assert seq_scans == 0
 
 
 def _seq_scans_on_jobs(node: object) -> list[object]:

@@ -251,7 +251,18 @@ INSTANCE = str(uuid.uuid4())
 
 async def _fetch(oban: Oban, queue: str = "default") -> Any:
     rows = await oban.driver.fetch(
-        "job_fetch_acking", queue=queue, demand=1, node="t", instance=INSTANCE, ack_ids=[], ack_claims=[]
+        "job_fetch",
+        queues=[queue],
+        global_limits=[None],
+        rate_allowed=[None],
+        rate_periods=[None],
+        rate_by=[None],
+        demand=1,
+        node="t",
+        instance=INSTANCE,
+        scan=10,
+        ack_ids=[],
+        ack_claims=[],
     )
     return rows[0]
 

@@ -38,6 +38,7 @@ PHASES = (
     "dup_contention",
     "process",
     "process_keyed",
+    "process_global",
     "latency",
     "retained_unique",
     "rss",
@@ -52,6 +53,7 @@ PHASE_PARAMS: dict[str, tuple[str, ...]] = {
     "dup_contention": ("n", "keys", "procs", "seed"),
     "process": ("n", "concurrency", "body_ms"),
     "process_keyed": ("n", "concurrency", "keys", "key_limit", "body_ms"),
+    "process_global": ("n", "concurrency", "body_ms"),
     "latency": ("n", "concurrency", "pace_ms", "warmup_s"),
     "retained_unique": ("n", "retained"),
     "rss": ("n", "concurrency", "hold_s"),
@@ -267,6 +269,7 @@ class WorkerSpec:
     concurrency: int
     key_limit: int | None = None  # per-partition-key running limit (process_keyed only)
     partition_keys: list[str] = field(default_factory=list)
+    global_limit: int | None = None  # running jobs across all workers (process_global only)
 
 
 # --------------------------------------------------------------------------- adapter
@@ -287,6 +290,8 @@ class Adapter:
     dup_exceptions: tuple[type[BaseException], ...] = ()
     # phase -> reason, for phases the system cannot do (checked before any setup)
     unsupported: dict[str, str] = {}
+    # True if worker() enforces spec.global_limit across workers (process_global runs only then)
+    supports_global_limit = False
 
     def __init__(self, dsn: str, opts: argparse.Namespace) -> None:
         self.dsn = dsn

@@ -46,6 +46,7 @@ class ObanPyAdapter(common.Adapter):
         "conflicted=True"
     )
     dup_exceptions = ()
+    supports_global_limit = True
 
     async def open(self) -> None:
         # migrate=True is a no-op once applied, and safe when several processes open at once.
@@ -78,7 +79,10 @@ class ObanPyAdapter(common.Adapter):
 
     @contextlib.asynccontextmanager
     async def worker(self, spec: common.WorkerSpec) -> AsyncIterator[None]:
-        runner = Oban(self.dsn, queues={"bench": spec.concurrency}, name=f"bench-worker-{id(self)}")
+        queue: dict[str, Any] = {"limit": spec.concurrency}
+        if spec.global_limit:
+            queue["global_limit"] = spec.global_limit
+        runner = Oban(self.dsn, queues={"bench": queue}, name=f"bench-worker-{id(self)}")
         await runner.start()
         try:
             yield

@@ -49,6 +49,7 @@ class PgqueuerAdapter(common.Adapter):
         "finished jobs are moved out of the pgqueuer table into pgqueuer_log (status 'successful')"
     )
     dup_exceptions = (DuplicateJobError,)
+    supports_global_limit = True  # entrypoint(concurrency_limit=N) is enforced across workers
 
     async def open(self) -> None:
         self.conn = await asyncpg.connect(self.dsn)
@@ -90,6 +91,8 @@ class PgqueuerAdapter(common.Adapter):
         if spec.key_limit:
             for key in spec.partition_keys:
                 pgq.entrypoint(key, concurrency_limit=spec.key_limit)(handler)
+        elif spec.global_limit:
+            pgq.entrypoint(ENTRYPOINT, concurrency_limit=spec.global_limit)(handler)
         else:
             pgq.entrypoint(ENTRYPOINT)(handler)
         run = lambda: pgq.run(  # noqa: E731

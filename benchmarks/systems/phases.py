@@ -255,16 +255,18 @@ async def dup_contention_child(a: Adapter, o: argparse.Namespace) -> None:
     )
 
 
-async def _process(c: Ctx, keyed: bool) -> dict[str, Any]:
+async def _process(c: Ctx, keyed: bool, global_limit: bool = False) -> dict[str, Any]:
     o = c.o
     n = o.n
+    if global_limit and not c.a.supports_global_limit:
+        raise common.Unsupported("no limit on running jobs across workers/nodes")
     if keyed:
         pkeys = [f"k{j}" for j in range(o.keys)]
         args = [{"i": i, "pk": pkeys[i % o.keys]} for i in range(n)]
         spec = WorkerSpec(o.concurrency, key_limit=o.key_limit, partition_keys=pkeys)
     else:
         args = [{"i": i} for i in range(n)]
-        spec = WorkerSpec(o.concurrency)
+        spec = WorkerSpec(o.concurrency, global_limit=o.concurrency if global_limit else None)
     for start in range(0, n, 10_000):  # untimed
         await c.a.insert_bulk(args[start : start + 10_000])
     await checkpoint(c.dsn)
@@ -292,6 +294,11 @@ async def phase_process(c: Ctx) -> dict[str, Any]:
 
 async def phase_process_keyed(c: Ctx) -> dict[str, Any]:
     return await _process(c, keyed=True)
+
+
+async def phase_process_global(c: Ctx) -> dict[str, Any]:
+    """Like process, with a global (cross-worker) limit equal to the concurrency: its cost."""
+    return await _process(c, keyed=False, global_limit=True)
 
 
 async def phase_latency(c: Ctx) -> dict[str, Any]:
@@ -390,6 +397,7 @@ PHASE_FUNCS = {
     "dup_contention": phase_dup_contention,
     "process": phase_process,
     "process_keyed": phase_process_keyed,
+    "process_global": phase_process_global,
     "latency": phase_latency,
     "retained_unique": phase_retained_unique,
     "rss": phase_rss,

@@ -12,6 +12,10 @@ __all__ = ["job_from_record"]
 _STATES = {s.value: s for s in JobState}
 
 
+def _object(text: str) -> Any:
+    return {} if text == "{}" else json.loads(text)  # most jobs have no meta: skip the parser
+
+
 def job_from_record(row: Any, *, conflicted: bool = False) -> Job[Any]:
     """A Job from a row that has the standard job columns (jsonb ones cast to text)."""
     get = row.get
@@ -22,10 +26,10 @@ def job_from_record(row: Any, *, conflicted: bool = False) -> Job[Any]:
         state=_STATES[row["state"]],
         queue=row["queue"],
         worker=row["worker"],
-        args=json.loads(row["args"]),
-        meta=json.loads(row["meta"]),
+        args=_object(row["args"]),
+        meta=_object(row["meta"]),
         tags=list(row["tags"]),
-        errors=json.loads(errors) if errors else [],
+        errors=json.loads(errors) if errors and errors != "[]" else [],
         result=json.loads(result) if result is not None else None,
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],

@@ -83,10 +83,8 @@ class Target:
 class Producer:
     """Fetches and runs the jobs of one queue (or an ordered selection of queues) on this node.
 
-    A producer for one queue without global or rate limits uses the plain fetch statement, which never
-    claims jobs that carry a keyed limit; once it sees such jobs waiting, or when the queue has limits,
-    or when it serves several queues, it claims through ``oban_fetch`` (see migration 002), which
-    enforces every limit under advisory locks.
+    Claims go through ``oban_fetch`` (migration 002), which also completes the previous batch and
+    enforces keyed, global and rate limits under advisory locks.
     """
 
     def __init__(
@@ -105,7 +103,6 @@ class Producer:
         self.paused = paused
         self.patterns = patterns
         self.targets: list[Target] = targets if targets is not None else [Target(name)]
-        self._keyed = False
         self._running: dict[int, asyncio.Task[None]] = {}
         self._interrupts: dict[int, str] = {}
         self._acks: list[Ack] = []
@@ -124,14 +121,6 @@ class Producer:
     @property
     def queues(self) -> list[str]:
         return [t.queue for t in self.targets]
-
-    @property
-    def limited(self) -> bool:
-        """Whether claims go through oban_fetch (limits, several queues, or keyed jobs seen)."""
-        if self._keyed or self.patterns or len(self.targets) != 1:
-            return True
-        target = self.targets[0]
-        return target.global_limit is not None or target.rate is not None
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -282,14 +271,6 @@ class Producer:
                     kind = row["kind"]
                     if kind == "parked":
                         parked.append(row["id"])
-                    elif kind == "keyed":
-                        if not self._keyed:
-                            log.info(
-                                "queue %s: jobs with keyed limits seen; claiming through oban_fetch",
-                                self.name,
-                            )
-                        self._keyed = True
-                        self._wake.set()
                     elif kind == "skipped":
                         self.ctx.spawn(_on_skip(job_from_record(row)))
                     else:
@@ -300,23 +281,9 @@ class Producer:
             self.ctx.spawn(driver.unpark(parked))
 
     async def _fetch(self, conn: Any, demand: int, riding: list[Ack]) -> list[Any]:
-        driver = self.ctx.driver
-        ack_ids = [a.id for a in riding]
-        ack_claims = [a.claim for a in riding]
-        if not self.limited:
-            return await driver.fetch(
-                "job_fetch_acking",
-                conn,
-                queue=self.name,
-                demand=demand,
-                node=self.ctx.node,
-                instance=self.ctx.instance,
-                ack_ids=ack_ids,
-                ack_claims=ack_claims,
-            )
         targets = self.targets
-        return await driver.fetch(
-            "job_fetch_limited",
+        return await self.ctx.driver.fetch(
+            "job_fetch",
             conn,
             queues=[t.queue for t in targets],
             global_limits=[t.global_limit for t in targets],
@@ -326,9 +293,10 @@ class Producer:
             demand=demand,
             node=self.ctx.node,
             instance=self.ctx.instance,
-            scan=max(50, demand * 5),
-            ack_ids=ack_ids,
-            ack_claims=ack_claims,
+            # Look at twice the demand: room to pass over jobs whose limit key is busy.
+            scan=max(demand * 2, 10),
+            ack_ids=[a.id for a in riding],
+            ack_claims=[a.claim for a in riding],
         )
 
     async def _write_acks(self, conn: Any, acks: list[Ack]) -> list[int]:
@@ -374,35 +342,40 @@ class Producer:
 
 
 async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:
-    """Write acks, plain completions through the lean statement; returns the ids that were parked."""
-    simple = [a for a in acks if a.simple]
-    back = [a for a in acks if a.state == "available"]  # fetchable again: settle unique keys first
-    other = [a for a in acks if not a.simple and a.state != "available"]
+    """Write acks; returns the ids of rows left parked (settled later by ``driver.unpark``).
+
+    Completions (with or without a recorded result) are written by one plain statement. Any other
+    outcome may move a job back into its unique group (a snooze into the ``scheduled`` group, a retry,
+    a return to the queue), so those are written by ``driver.transition``, which settles the key before
+    commit: no other insert can slip in between.
+    """
+    done = [a for a in acks if a.state == "completed"]
+    other = [a for a in acks if a.state != "completed"]
     parked: list[int] = []
-    if simple:
+    if done and all(a.simple for a in done):
         rows = await driver.fetch(
-            "job_ack_completed", conn, ids=[a.id for a in simple], claims=[a.claim for a in simple]
+            "job_ack_completed", conn, ids=[a.id for a in done], claims=[a.claim for a in done]
         )
         parked.extend(r["id"] for r in rows if r["parked"])
-    for group, transition in ((other, False), (back, True)):
-        if not group:
-            continue
-        params: dict[str, Any] = {
-            "ids": [a.id for a in group],
-            "claims": [a.claim for a in group],
-            "states": [a.state for a in group],
-            "delays": [a.delay for a in group],
-            "errors": [a.error for a in group],
-            "results": [a.result for a in group],
-            "metas": [a.meta for a in group],
-            "attempt_deltas": [a.attempt_delta for a in group],
-        }
-        if transition:
-            await driver.transition("job_ack", conn, **params)
-        else:
-            rows = await driver.fetch("job_ack", conn, **params)
-            parked.extend(r["id"] for r in rows if r["parked"])
+    elif done:
+        rows = await driver.fetch("job_ack", conn, **_ack_params(done))
+        parked.extend(r["id"] for r in rows if r["parked"])
+    if other:
+        await driver.transition("job_ack", conn, **_ack_params(other))
     return parked
+
+
+def _ack_params(acks: list[Ack]) -> dict[str, Any]:
+    return {
+        "ids": [a.id for a in acks],
+        "claims": [a.claim for a in acks],
+        "states": [a.state for a in acks],
+        "delays": [a.delay for a in acks],
+        "errors": [a.error for a in acks],
+        "results": [a.result for a in acks],
+        "metas": [a.meta for a in acks],
+        "attempt_deltas": [a.attempt_delta for a in acks],
+    }
 
 
 async def _on_skip(job: Job[Any]) -> None:

@@ -62,7 +62,7 @@ CREATE INDEX oban_jobs_fetch_idx ON __prefix__.oban_jobs (queue, priority, sched
 CREATE INDEX oban_jobs_staging_idx ON __prefix__.oban_jobs (scheduled_at, id)
     WHERE state IN ('scheduled', 'retryable');
 
--- Executing rows: rescue and (later) global/keyed limit counts. Small by nature.
+-- Executing rows: rescue, and global and keyed limit counts. Small by nature (at most the running jobs).
 CREATE INDEX oban_jobs_executing_idx ON __prefix__.oban_jobs (queue)
     WHERE state = 'executing';
 

@@ -12,9 +12,8 @@ ALTER TABLE __prefix__.oban_jobs
     ADD COLUMN limit_to smallint,
     ADD COLUMN limit_skip boolean NOT NULL DEFAULT false;
 
--- Running jobs per key (small: at most the running jobs).
-CREATE INDEX oban_jobs_limit_running_idx ON __prefix__.oban_jobs (limit_key)
-    WHERE state = 'executing' AND limit_key IS NOT NULL;
+-- Running jobs per key are counted through oban_jobs_executing_idx (001): executing rows are few by
+-- nature, and every partial index costs each insert a little, matching or not.
 
 -- Waiting keyed jobs per key, for the fetch's per-key fallback and for visibility.
 CREATE INDEX oban_jobs_limit_waiting_idx ON __prefix__.oban_jobs (queue, limit_key, priority, scheduled_at, id)
@@ -35,8 +34,11 @@ CREATE TYPE __prefix__.oban_candidate AS (
     cid bigint, ckey text, cto smallint, cskip boolean, cpart text, cpriority smallint, cscheduled timestamptz
 );
 
--- Claim jobs for a producer serving p_queues (in order of preference) with limits, and complete the
--- jobs in p_ack_ids first. Returns rows of kind 'job' (claimed), 'skipped' (cancelled because their key
+-- Claim up to p_demand jobs for a producer serving p_queues (in order of preference), enforcing
+-- keyed, global and rate limits, and complete the jobs in p_ack_ids first (one round trip per cycle).
+-- Candidate rows are locked FOR UPDATE SKIP LOCKED, so fetchers on many nodes skip each other's rows
+-- instead of waiting. Every producer claims through here: its statements' plans are cached by
+-- plpgsql, which makes it cheaper per call than an equivalent standalone statement. Returns rows of kind 'job' (claimed), 'skipped' (cancelled because their key
 -- was full and they skip) and 'parked' (acked rows that re-entered their unique group).
 --
 -- Each statement in a VOLATILE plpgsql function takes a new snapshot, so the counts that follow a lock
@@ -67,6 +69,8 @@ DECLARE
     v_claimed integer;
     v_by text;
     v_path text[];
+    v_locked text[];
+    v_full boolean;
     c __prefix__.oban_candidate;
 BEGIN
     IF COALESCE(array_length(p_ack_ids, 1), 0) > 0 THEN
@@ -89,8 +93,11 @@ BEGIN
     FOR i IN 1 .. COALESCE(array_length(p_queues, 1), 0) LOOP
         EXIT WHEN v_left <= 0;
         v_queue := p_queues[i];
-        -- Serialise the fetchers of this queue (on every node) until commit.
-        PERFORM pg_advisory_xact_lock(hashtextextended('__prefix__' || chr(31) || 'q' || chr(31) || v_queue, 0));
+        IF p_global[i] IS NOT NULL OR p_rate_allowed[i] IS NOT NULL THEN
+            -- A global or rate limit counts the whole queue: serialise its fetchers (on every node)
+            -- until commit. Without one, fetchers only skip each other's rows (SKIP LOCKED below).
+            PERFORM pg_advisory_xact_lock(hashtextextended('__prefix__' || chr(31) || 'q' || chr(31) || v_queue, 0));
+        END IF;
         v_now := clock_timestamp();  -- after the lock, so claim times increase across fetchers
         v_cap := v_left;
 
@@ -110,27 +117,37 @@ BEGIN
         CONTINUE WHEN v_cap <= 0;
         v_path := CASE WHEN v_by LIKE 'args.%' OR v_by LIKE 'meta.%' THEN string_to_array(substr(v_by, 6), '.') END;
 
-        -- Candidates in priority order: the first p_scan jobs of the queue...
-        SELECT COALESCE(array_agg(ROW(j.id, j.limit_key, j.limit_to, j.limit_skip,
-                   CASE WHEN v_by = 'worker' THEN j.worker
-                        WHEN v_by LIKE 'args.%' THEN j.args #>> v_path
-                        WHEN v_by LIKE 'meta.%' THEN j.meta #>> v_path END,
-                   j.priority, j.scheduled_at)::__prefix__.oban_candidate), '{}')
-        INTO v_cands
-        FROM (SELECT * FROM __prefix__.oban_jobs AS j
-              WHERE j.state = 'available' AND j.queue = v_queue
-              ORDER BY j.priority, j.scheduled_at, j.id
-              LIMIT p_scan) AS j;
-
-        -- ...and, when that window was full, the best waiting jobs of every other key, so a long run
-        -- of blocked jobs at the head of the queue cannot starve keys that have room.
-        IF array_length(v_cands, 1) >= p_scan THEN
-            v_cands := v_cands || (
+        -- Round 1 looks at the first p_scan jobs of the queue in priority order. Only when that window
+        -- was full and still left room (its keys were busy) does round 2 add the best waiting jobs of
+        -- every other key, so a long run of blocked jobs at the head cannot starve keys with room.
+        v_taken := '{}';
+        v_skipped := '{}';
+        v_started := '{}';
+        v_counts := '{}';
+        v_parts := '{}';
+        v_locked := '{}';
+        FOR v_round IN 1 .. 2 LOOP
+            IF v_round = 1 THEN
+                SELECT COALESCE(array_agg(ROW(j.id, j.limit_key, j.limit_to, j.limit_skip,
+                           CASE WHEN v_by = 'worker' THEN j.worker
+                                WHEN v_by LIKE 'args.%' THEN j.args #>> v_path
+                                WHEN v_by LIKE 'meta.%' THEN j.meta #>> v_path END,
+                           j.priority, j.scheduled_at)::__prefix__.oban_candidate), '{}')
+                INTO v_cands
+                FROM (SELECT * FROM __prefix__.oban_jobs AS j
+                      WHERE j.state = 'available' AND j.queue = v_queue
+                      ORDER BY j.priority, j.scheduled_at, j.id
+                      LIMIT p_scan
+                      FOR UPDATE SKIP LOCKED) AS j;
+                v_full := COALESCE(array_length(v_cands, 1), 0) >= p_scan;
+            ELSE
+                EXIT WHEN NOT v_full OR COALESCE(array_length(v_taken, 1), 0) >= v_cap;
                 SELECT COALESCE(array_agg(ROW(w.id, w.limit_key, w.limit_to, w.limit_skip,
                            CASE WHEN v_by = 'worker' THEN w.worker
                                 WHEN v_by LIKE 'args.%' THEN w.args #>> v_path
                                 WHEN v_by LIKE 'meta.%' THEN w.meta #>> v_path END,
                            w.priority, w.scheduled_at)::__prefix__.oban_candidate), '{}')
+                INTO v_cands
                 FROM (
                     WITH RECURSIVE keys(k) AS (
                         (SELECT j.limit_key FROM __prefix__.oban_jobs AS j
@@ -143,68 +160,70 @@ BEGIN
                                 ORDER BY j.limit_key LIMIT 1)
                         FROM keys WHERE keys.k IS NOT NULL
                     )
-                    SELECT k FROM keys WHERE k IS NOT NULL LIMIT 1000
+                    SELECT k FROM keys WHERE k IS NOT NULL AND k <> ALL(v_locked) LIMIT 1000
                 ) AS more_keys
                 CROSS JOIN LATERAL (
                     SELECT j.* FROM __prefix__.oban_jobs AS j
                     WHERE j.state = 'available' AND j.queue = v_queue AND j.limit_key = more_keys.k
-                      AND j.id <> ALL(SELECT (x).cid FROM unnest(v_cands) AS x)
                     ORDER BY j.priority, j.scheduled_at, j.id
                     LIMIT v_cap
-                ) AS w);
-        END IF;
+                    FOR UPDATE SKIP LOCKED
+                ) AS w;
+            END IF;
 
-        -- Lock the keys in sight (sorted: no deadlocks), then count their running jobs in a new snapshot.
-        SELECT array_agg(DISTINCT (x).ckey ORDER BY (x).ckey) INTO v_keys
-        FROM unnest(v_cands) AS x WHERE (x).ckey IS NOT NULL;
-        IF v_keys IS NOT NULL THEN
-            PERFORM pg_advisory_xact_lock(hashtextextended('__prefix__' || chr(31) || 'k' || chr(31) || k, 0))
-            FROM unnest(v_keys) AS k ORDER BY k;
-        END IF;
-        SELECT COALESCE(jsonb_object_agg(r.limit_key, r.n), '{}') INTO v_counts
-        FROM (SELECT j.limit_key, count(*) AS n FROM __prefix__.oban_jobs AS j
-              WHERE j.state = 'executing' AND j.limit_key = ANY(COALESCE(v_keys, '{}'))
-              GROUP BY j.limit_key) AS r;
+            -- Lock the keys not locked yet (sorted: no deadlocks), then count their running jobs in a new
+            -- snapshot, so the counts include everything claimed by whoever held a lock before us.
+            SELECT array_agg(DISTINCT (x).ckey ORDER BY (x).ckey) INTO v_keys
+            FROM unnest(v_cands) AS x WHERE (x).ckey IS NOT NULL AND (x).ckey <> ALL(v_locked);
+            IF v_keys IS NOT NULL THEN
+                PERFORM pg_advisory_xact_lock(hashtextextended('__prefix__' || chr(31) || 'k' || chr(31) || k, 0))
+                FROM unnest(v_keys) AS k ORDER BY k;
+                v_locked := v_locked || v_keys;
+                SELECT v_counts || COALESCE(jsonb_object_agg(r.limit_key, r.n), '{}') INTO v_counts
+                FROM (SELECT j.limit_key, count(*) AS n FROM __prefix__.oban_jobs AS j
+                      WHERE j.state = 'executing' AND j.limit_key = ANY(v_keys)
+                      GROUP BY j.limit_key) AS r;  -- via oban_jobs_executing_idx
+            END IF;
 
-        v_parts := '{}';
-        IF p_rate_allowed[i] IS NOT NULL AND v_by IS NOT NULL THEN
-            SELECT COALESCE(jsonb_object_agg(p.part, p.n), '{}') INTO v_parts
-            FROM (SELECT substr(w.scope, length(v_queue) + 2) AS part, count(*) AS n
-                  FROM __prefix__.oban_rate_windows AS w, unnest(w.starts) AS s(t)
-                  WHERE w.scope IN (SELECT v_queue || chr(31) || COALESCE((x).cpart, '') FROM unnest(v_cands) AS x)
-                    AND s.t > v_now - make_interval(secs => p_rate_period[i])
-                  GROUP BY w.scope) AS p;
-        END IF;
+            IF p_rate_allowed[i] IS NOT NULL AND v_by IS NOT NULL THEN
+                SELECT v_parts || COALESCE(jsonb_object_agg(p.part, p.n), '{}') INTO v_parts
+                FROM (SELECT substr(w.scope, length(v_queue) + 2) AS part, count(*) AS n
+                      FROM __prefix__.oban_rate_windows AS w, unnest(w.starts) AS s(t)
+                      WHERE w.scope IN (SELECT v_queue || chr(31) || COALESCE((x).cpart, '')
+                                        FROM unnest(v_cands) AS x WHERE NOT v_parts ? COALESCE((x).cpart, ''))
+                        AND s.t > v_now - make_interval(secs => p_rate_period[i])
+                      GROUP BY w.scope) AS p;
+            END IF;
 
-        -- Decide, in priority order: a keyed job runs if its key has room (counting what this fetch
-        -- already took), waits if not, or is skipped if it skips; rate partitions likewise.
-        v_taken := '{}';
-        v_skipped := '{}';
-        v_started := '{}';
-        FOR c IN SELECT * FROM unnest(v_cands) AS x ORDER BY x.cpriority, x.cscheduled, x.cid LOOP
-            EXIT WHEN COALESCE(array_length(v_taken, 1), 0) >= v_cap;
-            IF c.ckey IS NOT NULL THEN
-                v_count := COALESCE((v_counts ->> c.ckey)::integer, 0);
-                IF v_count >= c.cto THEN
-                    IF c.cskip THEN
-                        v_skipped := v_skipped || c.cid;
+            -- Decide, in priority order: a keyed job runs if its key has room (counting what this fetch
+            -- already took), waits if not, or is skipped if it skips; rate partitions likewise.
+            FOR c IN SELECT * FROM unnest(v_cands) AS x ORDER BY x.cpriority, x.cscheduled, x.cid LOOP
+                EXIT WHEN COALESCE(array_length(v_taken, 1), 0) >= v_cap;
+                IF c.ckey IS NOT NULL THEN
+                    v_count := COALESCE((v_counts ->> c.ckey)::integer, 0);
+                    IF v_count >= c.cto THEN
+                        IF c.cskip THEN
+                            v_skipped := v_skipped || c.cid;
+                        END IF;
+                        CONTINUE;
                     END IF;
-                    CONTINUE;
                 END IF;
-            END IF;
-            IF p_rate_allowed[i] IS NOT NULL THEN
-                v_part := CASE WHEN v_by IS NULL THEN v_queue ELSE v_queue || chr(31) || COALESCE(c.cpart, '') END;
-                IF v_by IS NOT NULL THEN
-                    CONTINUE WHEN COALESCE((v_parts ->> COALESCE(c.cpart, ''))::integer, 0) >= p_rate_allowed[i];
-                    v_parts := jsonb_set(v_parts, ARRAY[COALESCE(c.cpart, '')],
-                                         to_jsonb(COALESCE((v_parts ->> COALESCE(c.cpart, ''))::integer, 0) + 1));
+                IF p_rate_allowed[i] IS NOT NULL THEN
+                    v_part := CASE WHEN v_by IS NULL THEN v_queue
+                                   ELSE v_queue || chr(31) || COALESCE(c.cpart, '') END;
+                    IF v_by IS NOT NULL THEN
+                        CONTINUE WHEN COALESCE((v_parts ->> COALESCE(c.cpart, ''))::integer, 0) >= p_rate_allowed[i];
+                        v_parts := jsonb_set(v_parts, ARRAY[COALESCE(c.cpart, '')],
+                                             to_jsonb(COALESCE((v_parts ->> COALESCE(c.cpart, ''))::integer, 0) + 1));
+                    END IF;
+                    v_started := jsonb_set(v_started, ARRAY[v_part],
+                                           to_jsonb(COALESCE((v_started ->> v_part)::integer, 0) + 1));
                 END IF;
-                v_started := jsonb_set(v_started, ARRAY[v_part], to_jsonb(COALESCE((v_started ->> v_part)::integer, 0) + 1));
-            END IF;
-            IF c.ckey IS NOT NULL THEN
-                v_counts := jsonb_set(v_counts, ARRAY[c.ckey], to_jsonb(v_count + 1));
-            END IF;
-            v_taken := v_taken || c.cid;
+                IF c.ckey IS NOT NULL THEN
+                    v_counts := jsonb_set(v_counts, ARRAY[c.ckey], to_jsonb(v_count + 1));
+                END IF;
+                v_taken := v_taken || c.cid;
+            END LOOP;
         END LOOP;
 
         RETURN QUERY

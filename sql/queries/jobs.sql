@@ -41,57 +41,6 @@ FROM unnest(:ids::bigint[], :claims::timestamptz[]) AS a(id, claim)
 WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.claim
 RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
 
--- name: job_fetch_acking
--- Claim up to `demand` available jobs of one queue, in priority order, and complete the jobs in
--- `ack_ids` in the same round trip. SKIP LOCKED lets producers on many nodes fetch at once without
--- waiting on each other; the CTE's LIMIT bounds what is locked. The claim time (attempted_at) is the
--- claim's identity for acks. Combining the two: a busy producer's cycle is "these finished,
--- give me the next ones". The acked rows are executing and the fetched ones available, so the two
--- parts never touch the same row. Rows of kind 'parked' are acked ids that re-entered their group.
-WITH acked AS (
-    UPDATE __prefix__.oban_jobs AS j SET
-        state = 'completed',
-        completed_at = now(),
-        unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', 'completed')
-    FROM unnest(:ack_ids::bigint[], :ack_claims::timestamptz[]) AS a(id, claim)
-    WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.claim
-    RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
-),
-locked AS (
-    SELECT id FROM __prefix__.oban_jobs
-    WHERE state = 'available' AND queue = :queue AND limit_key IS NULL
-    ORDER BY priority, scheduled_at, id
-    LIMIT :demand
-    FOR UPDATE SKIP LOCKED
-),
-fetched AS (
-    UPDATE __prefix__.oban_jobs AS j SET
-        state = 'executing',
-        attempt = j.attempt + 1,
-        attempted_at = now(),
-        attempted_by = :node,
-        claimed_by = :instance,
-        unique_states = __prefix__.oban_unique_next(j.unique_states, 'available', 'executing')
-    FROM locked
-    WHERE j.id = locked.id
-    RETURNING j.id, j.queue, j.worker, j.args, j.meta, j.tags, j.errors, j.attempt, j.max_attempts,
-              j.priority, j.inserted_at, j.scheduled_at, j.attempted_at, j.attempted_by,
-              (j.unique_states & 128 <> 0) AS parked
-)
-SELECT 'job' AS kind, f.id, 'executing' AS state, f.queue, f.worker, f.args::text AS args, f.meta::text AS meta,
-       f.tags, f.errors::text AS errors, f.attempt, f.max_attempts, f.priority, f.inserted_at, f.scheduled_at,
-       f.attempted_at, f.attempted_by, f.parked
-FROM fetched AS f
-UNION ALL
-SELECT 'parked', a.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, true
-FROM acked AS a WHERE a.parked
-UNION ALL
--- This plain fetch never claims jobs with a keyed limit; it tells the producer they are waiting, and
--- the producer switches to oban_fetch, which enforces the limit.
-SELECT 'keyed', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false
-WHERE EXISTS (SELECT 1 FROM __prefix__.oban_jobs AS k
-              WHERE k.state = 'available' AND k.queue = :queue AND k.limit_key IS NOT NULL)
-
 -- name: job_get
 SELECT j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args, j.meta::text AS meta, j.tags,
        j.errors::text AS errors, j.result::text AS result, j.attempt, j.max_attempts, j.priority,
@@ -145,23 +94,20 @@ FROM ins JOIN input AS i USING (id) CROSS JOIN woken
 -- name: job_insert_one
 -- job_insert for a single job: a plain VALUES row is cheaper to plan and run than unnest + join,
 -- and a single insert is the most common call. Same conflict and NOTIFY behaviour.
-WITH ins AS (
-    INSERT INTO __prefix__.oban_jobs AS j (
-        state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
-        unique_key, unique_states, unique_expires_at, limit_key, limit_to, limit_skip)
-    VALUES (
-        (CASE WHEN :scheduled_at::timestamptz > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
-        :queue, :worker, :args::text::jsonb, :meta::text::jsonb, :tags::text[], :priority, :max_attempts,
-        COALESCE(:scheduled_at::timestamptz, now()), :unique_key::bytea, :unique_states::integer,
-        COALESCE(:scheduled_at::timestamptz, now()) + make_interval(secs => :unique_period::float8),
-        :limit_key::text, :limit_to::smallint, :limit_skip::boolean)
-    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
-    DO NOTHING
-    RETURNING j.id, j.state, j.inserted_at, j.scheduled_at, j.queue
-)
-SELECT 1 AS ord, ins.id, ins.state::text AS state, ins.inserted_at, ins.scheduled_at,
-       (SELECT count(*) FROM (SELECT pg_notify(:channel, ins.queue) WHERE ins.state = 'available') AS n) AS woken
-FROM ins
+INSERT INTO __prefix__.oban_jobs AS j (
+    state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at,
+    unique_key, unique_states, unique_expires_at, limit_key, limit_to, limit_skip)
+VALUES (
+    (CASE WHEN :scheduled_at::timestamptz > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
+    :queue, :worker, :args::text::jsonb, :meta::text::jsonb, :tags::text[], :priority, :max_attempts,
+    COALESCE(:scheduled_at::timestamptz, now()), :unique_key::bytea, :unique_states::integer,
+    COALESCE(:scheduled_at::timestamptz, now()) + make_interval(secs => :unique_period::float8),
+    :limit_key::text, :limit_to::smallint, :limit_skip::boolean)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
+DO NOTHING
+RETURNING 1 AS ord, j.id, j.state::text AS state, j.inserted_at, j.scheduled_at,
+          -- pg_notify returns void: wrap it so the row carries a plain boolean.
+          (CASE WHEN j.state = 'available' THEN pg_notify(:channel, j.queue) END) IS NULL AS woken
 
 -- name: job_insert_resolve
 -- Second step for unique rows the first INSERT skipped, in a fresh statement so it sees holders that
@@ -465,9 +411,9 @@ FROM expired WHERE j.id = expired.id
 UPDATE __prefix__.oban_jobs SET scheduled_at = now()
 WHERE state IN ('scheduled', 'retryable') AND queue = :queue
 
--- name: job_fetch_limited
--- Claim jobs for a producer with limits (keyed, global, rate) or several queues: see oban_fetch in
--- migration 002 for how each limit is enforced under advisory locks.
+-- name: job_fetch
+-- Complete the acked jobs and claim the next ones for a producer: see oban_fetch (migration 002) for
+-- how each limit is enforced.
 SELECT * FROM __prefix__.oban_fetch(
     :queues::text[], :global_limits::integer[], :rate_allowed::integer[], :rate_periods::float8[],
     :rate_by::text[], :demand::integer, :node::text, :instance::uuid, :scan::integer,
