@@ -118,8 +118,9 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
     return _Item(index, job, args_text, meta_text, tags_text, unique, limit)
 
 
-def _columns(items: Sequence[_Item]) -> dict[str, list[Any]]:
-    return {
+def _columns(items: Sequence[_Item], *, plain: bool = False) -> dict[str, list[Any]]:
+    """The column arrays of ``items``; ``plain`` leaves out the unique and limit columns."""
+    columns: dict[str, list[Any]] = {
         "workers": [it.job.worker for it in items],
         "queues": [it.job.queue for it in items],
         "args": [it.args for it in items],
@@ -128,6 +129,11 @@ def _columns(items: Sequence[_Item]) -> dict[str, list[Any]]:
         "priorities": [it.job.priority for it in items],
         "max_attempts": [it.job.max_attempts for it in items],
         "scheduled_ats": [it.job.scheduled_at for it in items],
+    }
+    if plain:
+        return columns
+    return {
+        **columns,
         "unique_keys": [it.unique.key if it.unique else None for it in items],
         "unique_states": [it.unique.mask if it.unique else None for it in items],
         "unique_periods": [it.unique.period if it.unique else None for it in items],
@@ -172,10 +178,35 @@ async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_
             limit_to=it.limit.to if it.limit else None,
             limit_skip=it.limit.skip if it.limit else False,
         )
-    else:
-        rows = await driver.fetch("job_insert", conn, channel=driver.insert_channel, **_columns(items))
+        for row in rows:
+            _mark_inserted(items[row["ord"] - 1], row)
+        return [it for it in items if it.result is None]
+    # One NOTIFY per queue, computed here (a scheduled job's queue gets a harmless extra wake-up).
+    notify = sorted({it.job.queue for it in items})
+    if all(it.unique is None and it.limit is None for it in items):
+        rows = await driver.fetch(
+            "job_insert_plain",
+            conn,
+            channel=driver.insert_channel,
+            notify=notify,
+            **_columns(items, plain=True),
+        )
+        for row in rows:
+            _mark_inserted(items[row["ord"] - 1], row)
+        if len(rows) != len(items):  # cannot conflict: every row must come back
+            raise ObanError(f"insert returned {len(rows)} rows for {len(items)} jobs")
+        return []
+    rows = await driver.fetch(
+        "job_insert", conn, channel=driver.insert_channel, notify=notify, **_columns(items)
+    )
     for row in rows:
-        _mark_inserted(items[row["ord"] - 1], row)
+        item = items[row["ord"] - 1]
+        if row["inserted"]:
+            _mark_inserted(item, row)
+        else:  # a holder committed before this statement
+            holder = job_from_record(row, conflicted=True)
+            holder.unique_key = item.unique.key if item.unique else None
+            item.result = holder
     return [it for it in items if it.result is None]
 
 

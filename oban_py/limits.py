@@ -19,9 +19,7 @@ see ``docs/concurrency.md``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -32,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from . import _json
+from ._paths import MISSING, lookup, worker_hook
 from .errors import LimitOptionsError
 from .job import Job
 
@@ -128,40 +127,12 @@ class KeyedLimit:
     skip: bool
 
 
-_MISSING = object()
-
-
-def _lookup(data: Mapping[str, Any], path: str) -> Any:
-    current: Any = data
-    for part in path.split("."):
-        if not isinstance(current, Mapping) or part not in current:
-            return _MISSING
-        current = current[part]
-    return current
-
-
-@functools.lru_cache(maxsize=1024)
-def _custom(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
-    """The worker's ``limit_key`` hook, if any (looked up once per class)."""
-    if worker_cls is None:
-        return None
-    attr = inspect.getattr_static(worker_cls, "limit_key", None)
-    if attr is None:
-        return None
-    if isinstance(attr, (staticmethod, classmethod)):
-        fn: Callable[[Job[Any]], Any] = getattr(worker_cls, "limit_key")  # noqa: B009
-        return fn
-    if callable(attr):
-        return lambda job: attr(worker_cls(), job)
-    return None
-
-
 def resolve_limit(
     options: LimitOptions, job: Job[Any], args: Mapping[str, Any], *, worker_cls: type | None = None
 ) -> KeyedLimit:
     """The key for ``job`` under ``options``: ``group:<canonical value>`` (hashed when long)."""
     key = options.key
-    custom = key if callable(key) else _custom(worker_cls) if key is None else None
+    custom = key if callable(key) else worker_hook(worker_cls, "limit_key") if key is None else None
     if custom is not None:
         value = custom(job)
         _json.encode(value, "limit.key", worker=job.worker)
@@ -172,8 +143,8 @@ def resolve_limit(
         found = []
         for path in paths:
             source, sub = (job.meta, path[5:]) if path.startswith("meta.") else (args, path)
-            item = _lookup(source, sub)
-            if item is _MISSING:
+            item = lookup(source, sub)
+            if item is MISSING:
                 where = "meta" if path.startswith("meta.") else "args"
                 raise LimitOptionsError(
                     "limit.key", path, f"key path not found in the job's {where}", worker=job.worker

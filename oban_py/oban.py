@@ -6,8 +6,8 @@
         job = await oban.insert(SendEmail.new({"to": "a@example.com"}))
 
 Without ``queues`` an instance only inserts and controls jobs (a web app, a script). With no DSN
-(argument, ``OBAN_DSN`` or oban.toml) it starts the embedded PostgreSQL, which needs
-``pip install 'oban-py[embedded]'``.
+(``dsn=``, ``OBAN_DSN``, or oban.toml through ``Oban.from_toml``) it starts the embedded PostgreSQL,
+which needs ``pip install 'oban-py[embedded]'``.
 
 Started instances are registered by ``name`` (default ``"default"``); ``Worker.enqueue`` inserts through
 the default one, or the one named by the worker's ``oban=`` option.
@@ -86,7 +86,6 @@ class Oban:
         self.pool: asyncpg.Pool | None = pool
         self._driver: Driver | None = None
         self.node: Node | None = None
-        self._embedded: Any = None
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -309,21 +308,27 @@ class Oban:
         return len(rows)
 
     async def _retry_conflict(self, ids: list[int]) -> UniqueConflict:
-        for job_id in ids:
+        """Which job of a failed retry_jobs collides, and with whom (a rare path: one try per prefix)."""
+        for k in range(1, len(ids) + 1):
             try:
                 async with self.driver.transaction() as conn:
-                    await self.driver.fetch("job_retry", conn, ids=[job_id])
+                    await self.driver.fetch("job_retry", conn, ids=ids[:k])
                     raise _Rollback
             except _Rollback:
                 continue
             except asyncpg.UniqueViolationError:
-                holder = await self.driver.fetchrow("job_unique_holder", id=job_id)
-                if holder is not None:
-                    return UniqueConflict(job_id, holder["id"], holder["state"])
-        # Two jobs of the batch share a key: the first one would hold it.
-        for job_id in ids[1:]:
-            return UniqueConflict(job_id, ids[0])
-        return UniqueConflict(ids[0], -1)  # pragma: no cover - a holder that vanished meanwhile
+                # ids[k-1] collides, with an existing holder or with one of ids[:k-1] retried before it.
+                try:
+                    async with self.driver.transaction() as conn:
+                        if k > 1:
+                            await self.driver.fetch("job_retry", conn, ids=ids[: k - 1])
+                        holder = await self.driver.fetchrow("job_unique_holder", conn, id=ids[k - 1])
+                        raise _Rollback(holder)
+                except _Rollback as found:
+                    row = found.args[0] if found.args else None
+                    if row is not None:
+                        return UniqueConflict(ids[k - 1], row["id"], row["state"])
+        return UniqueConflict(ids[0], -1)  # pragma: no cover - the holder vanished meanwhile
 
     # -- queue control ----------------------------------------------------------------------------
 
@@ -398,7 +403,7 @@ class Oban:
         scheduled and retryable jobs due now (repeatedly, so retries run too, up to ``limit`` jobs).
         Returns counts by final state.
         """
-        from .runtime.producer import write_acks
+        from .runtime.producer import Target, claim_jobs, write_acks
 
         validate_queue(queue)
         driver = self.driver
@@ -409,20 +414,7 @@ class Oban:
             if with_scheduled:
                 await driver.execute("job_make_due", queue=queue)
                 await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
-            rows = await driver.fetch(
-                "job_fetch",
-                queues=[queue],
-                global_limits=[None],
-                rate_allowed=[None],
-                rate_periods=[None],
-                rate_by=[None],
-                demand=1,
-                node="drain",
-                instance=instance,
-                scan=50,
-                ack_ids=[],
-                ack_claims=[],
-            )
+            rows = await claim_jobs(driver, None, [Target(queue)], 1, node="drain", instance=instance)
             if not rows:
                 break
             for row in rows:

@@ -24,9 +24,7 @@ Options (``@worker(unique=...)`` or per insert):
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from . import _json
+from ._paths import MISSING, lookup, worker_hook
 from .errors import UniqueOptionsError
 from .job import Job, JobState
 
@@ -251,7 +250,6 @@ class UniqueSpec:
         return self.options.replace_json
 
 
-_MISSING = object()
 _PARSED: dict[str, tuple[UniqueOptions | None, UniqueOptions]] = {}
 
 
@@ -285,31 +283,6 @@ def _plan(options: UniqueOptions) -> _Plan:
     return plan
 
 
-def _lookup(mapping: Mapping[str, Any], path: str) -> Any:
-    current: Any = mapping
-    for part in path.split("."):
-        if not isinstance(current, Mapping) or part not in current:
-            return _MISSING
-        current = current[part]
-    return current
-
-
-@functools.lru_cache(maxsize=1024)
-def _custom_key(worker_cls: type | None) -> Callable[[Job[Any]], Any] | None:
-    """The worker's ``unique_key`` hook, if any (looked up once per class)."""
-    if worker_cls is None:
-        return None
-    attr = inspect.getattr_static(worker_cls, "unique_key", None)
-    if attr is None:
-        return None
-    if isinstance(attr, (staticmethod, classmethod)):
-        fn: Callable[[Job[Any]], Any] = getattr(worker_cls, "unique_key")  # noqa: B009
-        return fn
-    if callable(attr):
-        return lambda job: attr(worker_cls(), job)
-    return None
-
-
 def resolve_unique(
     options: UniqueOptions,
     job: Job[Any],
@@ -323,7 +296,7 @@ def resolve_unique(
     ``args_text``: the canonical JSON of ``args`` when the caller has it, to avoid encoding twice.
     """
     plan = _plan(options)
-    custom = options.key or _custom_key(worker_cls)
+    custom = options.key or worker_hook(worker_cls, "unique_key")
     if custom is not None:
         value = custom(job)
         _json.encode(value, "unique.key", worker=job.worker)
@@ -339,7 +312,7 @@ def resolve_unique(
             if options.keys is None:
                 piece = args_text if (name == "args" and args_text is not None) else _json.canonical(source)
             else:
-                subset = {p: v for p in options.keys if (v := _lookup(source, p)) is not _MISSING}
+                subset = {p: v for p in options.keys if (v := lookup(source, p)) is not MISSING}
                 found.append(subset)
                 piece = _json.canonical(subset)
             pieces.append(f'"{name}":' + piece)

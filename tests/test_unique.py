@@ -12,6 +12,7 @@ import pytest
 
 from oban_py import Job, JobState, Oban, Snooze, UniqueOptions, Worker, worker
 from oban_py.errors import UniqueConflict, UniqueOptionsError, ValidationError
+from oban_py.runtime.producer import Target, claim_jobs
 
 from helpers import wait_for
 
@@ -250,20 +251,7 @@ INSTANCE = str(uuid.uuid4())
 
 
 async def _fetch(oban: Oban, queue: str = "default") -> Any:
-    rows = await oban.driver.fetch(
-        "job_fetch",
-        queues=[queue],
-        global_limits=[None],
-        rate_allowed=[None],
-        rate_periods=[None],
-        rate_by=[None],
-        demand=1,
-        node="t",
-        instance=INSTANCE,
-        scan=10,
-        ack_ids=[],
-        ack_claims=[],
-    )
+    rows = await claim_jobs(oban.driver, None, [Target(queue)], 1, node="t", instance=INSTANCE)
     return rows[0]
 
 
@@ -523,3 +511,17 @@ def test_options_model() -> None:
     assert UniqueOptions.parse({"period": "infinity"}).period is None  # type: ignore[union-attr]
     base = UniqueOptions.parse({"keys": ["a"], "period": 10})
     assert UniqueOptions.parse({"period": 20}, base=base).keys == ("a",)  # type: ignore[union-attr]
+
+
+async def test_retrying_two_jobs_that_share_a_key(oban: Oban) -> None:
+    opts = {"group": "incomplete"}
+    first = await oban.insert(MyWorker.new({"pair": 1}, unique=opts))
+    await _ack(oban, await _fetch(oban), "completed")  # leaves the group: the key is free
+    second = await oban.insert(MyWorker.new({"pair": 1}, unique=opts))
+    assert not second.conflicted
+    await _ack(oban, await _fetch(oban), "completed")
+    with pytest.raises(UniqueConflict) as info:
+        await oban.retry_jobs([first.id, second.id])  # type: ignore[list-item]
+    assert (info.value.job_id, info.value.holder_id) == (second.id, first.id)
+    states = [j.state for j in await oban.get_jobs([first.id, second.id])]  # type: ignore[list-item]
+    assert states == [JobState.COMPLETED, JobState.COMPLETED]

@@ -1,9 +1,11 @@
 """The per-queue producer: fetch, run, ack.
 
 One producer per queue per node. Each wake-up (a NOTIFY for its queue, a finished job, the poll
-timer) writes the pending acks and fetches ``limit - running`` jobs, each in one statement. Jobs run
-as asyncio tasks; their outcomes are queued as acks and written together on the next cycle, so a busy
-queue costs a few statements per batch of jobs, not per job.
+timer) completes the jobs that finished and claims up to ``limit - running`` more, in one round trip
+(``oban_fetch``). Jobs run as asyncio tasks; their outcomes are queued as acks and written together on
+the next cycle, so a busy queue costs one round trip per batch of jobs, not per job. Outcomes other
+than completion (retries, snoozes, cancels) are written first, in a transaction that settles unique
+keys.
 
 Failure handling:
 
@@ -22,7 +24,7 @@ import inspect
 import json
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -39,7 +41,7 @@ from .executor import Ack, _failure, execute
 if TYPE_CHECKING:
     from ..db.driver import Driver
 
-__all__ = ["Producer", "ProducerContext", "write_acks"]
+__all__ = ["Producer", "ProducerContext", "Target", "claim_jobs", "write_acks"]
 
 log = logging.getLogger("oban_py.producer")
 
@@ -136,10 +138,6 @@ class Producer:
     @property
     def running(self) -> int:
         return len(self._running)
-
-    @property
-    def running_ids(self) -> list[int]:
-        return list(self._running)
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
@@ -262,7 +260,15 @@ class Producer:
                     self._wake.set()
             if demand > 0:
                 try:
-                    rows = await self._fetch(conn, demand, riding)
+                    rows = await claim_jobs(
+                        driver,
+                        conn,
+                        self.targets,
+                        demand,
+                        node=self.ctx.node,
+                        instance=self.ctx.instance,
+                        acks=riding,
+                    )
                 except DatabaseUnavailable:
                     self._reconcile = True
                     raise
@@ -279,25 +285,6 @@ class Producer:
                             parked.append(row["id"])
         if parked:
             self.ctx.spawn(driver.unpark(parked))
-
-    async def _fetch(self, conn: Any, demand: int, riding: list[Ack]) -> list[Any]:
-        targets = self.targets
-        return await self.ctx.driver.fetch(
-            "job_fetch",
-            conn,
-            queues=[t.queue for t in targets],
-            global_limits=[t.global_limit for t in targets],
-            rate_allowed=[t.rate.allowed if t.rate else None for t in targets],
-            rate_periods=[t.rate.period if t.rate else None for t in targets],
-            rate_by=[t.rate.by if t.rate else None for t in targets],
-            demand=demand,
-            node=self.ctx.node,
-            instance=self.ctx.instance,
-            # Look at twice the demand: room to pass over jobs whose limit key is busy.
-            scan=max(demand * 2, 10),
-            ack_ids=[a.id for a in riding],
-            ack_claims=[a.claim for a in riding],
-        )
 
     async def _write_acks(self, conn: Any, acks: list[Ack]) -> list[int]:
         parked = await write_acks(self.ctx.driver, conn, acks)
@@ -339,6 +326,39 @@ class Producer:
         if ack is not None:
             self._acks.append(ack)
         self._wake.set()
+
+
+async def claim_jobs(
+    driver: Driver,
+    conn: Any,
+    targets: Sequence[Target],
+    demand: int,
+    *,
+    node: str,
+    instance: str,
+    acks: Sequence[Ack] = (),
+) -> list[Any]:
+    """Complete ``acks`` and claim up to ``demand`` jobs from ``targets`` (in order), limits enforced.
+
+    Rows come back with ``kind``: ``job`` (claimed, to run), ``skipped`` (its key was full and it
+    skips) or ``parked`` (an acked row that re-entered its unique group).
+    """
+    return await driver.fetch(
+        "job_fetch",
+        conn,
+        queues=[t.queue for t in targets],
+        global_limits=[t.global_limit for t in targets],
+        rate_allowed=[t.rate.allowed if t.rate else None for t in targets],
+        rate_periods=[t.rate.period if t.rate else None for t in targets],
+        rate_by=[t.rate.by if t.rate else None for t in targets],
+        demand=demand,
+        node=node,
+        instance=instance,
+        # Look at twice the demand: room to pass over jobs whose limit key is busy.
+        scan=max(demand * 2, 10),
+        ack_ids=[a.id for a in acks],
+        ack_claims=[a.claim for a in acks],
+    )
 
 
 async def write_acks(driver: Driver, conn: Any, acks: list[Ack]) -> list[int]:

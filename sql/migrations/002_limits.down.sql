@@ -1,6 +1,7 @@
 -- 002 down: removes the concurrency controls.
 DROP FUNCTION IF EXISTS __prefix__.oban_fetch(text[], integer[], integer[], float8[], text[], integer, text, uuid,
     integer, bigint[], timestamptz[]);
+DROP FUNCTION IF EXISTS __prefix__.oban_candidate_of(__prefix__.oban_jobs, text, text[]);
 DROP TYPE IF EXISTS __prefix__.oban_candidate;
 ALTER TABLE __prefix__.oban_queues DROP COLUMN IF EXISTS global_limit;
 DROP TABLE IF EXISTS __prefix__.oban_rate_windows;

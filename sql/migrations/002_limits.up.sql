@@ -34,6 +34,17 @@ CREATE TYPE __prefix__.oban_candidate AS (
     cid bigint, ckey text, cto smallint, cskip boolean, cpart text, cpriority smallint, cscheduled timestamptz
 );
 
+-- A job as a fetch candidate; p_by/p_path pick its rate-limit partition ('worker', 'args.<path>' or
+-- 'meta.<path>' with the path split into p_path).
+CREATE FUNCTION __prefix__.oban_candidate_of(j __prefix__.oban_jobs, p_by text, p_path text[])
+RETURNS __prefix__.oban_candidate LANGUAGE sql IMMUTABLE AS $$
+    SELECT ROW(j.id, j.limit_key, j.limit_to, j.limit_skip,
+               CASE WHEN p_by = 'worker' THEN j.worker
+                    WHEN p_by LIKE 'args.%' THEN j.args #>> p_path
+                    WHEN p_by LIKE 'meta.%' THEN j.meta #>> p_path END,
+               j.priority, j.scheduled_at)::__prefix__.oban_candidate
+$$;
+
 -- Claim up to p_demand jobs for a producer serving p_queues (in order of preference), enforcing
 -- keyed, global and rate limits, and complete the jobs in p_ack_ids first (one round trip per cycle).
 -- Candidate rows are locked FOR UPDATE SKIP LOCKED, so fetchers on many nodes skip each other's rows
@@ -128,11 +139,7 @@ BEGIN
         v_locked := '{}';
         FOR v_round IN 1 .. 2 LOOP
             IF v_round = 1 THEN
-                SELECT COALESCE(array_agg(ROW(j.id, j.limit_key, j.limit_to, j.limit_skip,
-                           CASE WHEN v_by = 'worker' THEN j.worker
-                                WHEN v_by LIKE 'args.%' THEN j.args #>> v_path
-                                WHEN v_by LIKE 'meta.%' THEN j.meta #>> v_path END,
-                           j.priority, j.scheduled_at)::__prefix__.oban_candidate), '{}')
+                SELECT COALESCE(array_agg(__prefix__.oban_candidate_of(j::__prefix__.oban_jobs, v_by, v_path)), '{}')
                 INTO v_cands
                 FROM (SELECT * FROM __prefix__.oban_jobs AS j
                       WHERE j.state = 'available' AND j.queue = v_queue
@@ -142,11 +149,7 @@ BEGIN
                 v_full := COALESCE(array_length(v_cands, 1), 0) >= p_scan;
             ELSE
                 EXIT WHEN NOT v_full OR COALESCE(array_length(v_taken, 1), 0) >= v_cap;
-                SELECT COALESCE(array_agg(ROW(w.id, w.limit_key, w.limit_to, w.limit_skip,
-                           CASE WHEN v_by = 'worker' THEN w.worker
-                                WHEN v_by LIKE 'args.%' THEN w.args #>> v_path
-                                WHEN v_by LIKE 'meta.%' THEN w.meta #>> v_path END,
-                           w.priority, w.scheduled_at)::__prefix__.oban_candidate), '{}')
+                SELECT COALESCE(array_agg(__prefix__.oban_candidate_of(w::__prefix__.oban_jobs, v_by, v_path)), '{}')
                 INTO v_cands
                 FROM (
                     WITH RECURSIVE keys(k) AS (
@@ -235,7 +238,9 @@ BEGIN
                 attempted_by = p_node,
                 claimed_by = p_instance,
                 unique_states = __prefix__.oban_unique_next(j.unique_states, 'available', 'executing')
-            WHERE j.id = ANY(v_taken) AND j.state = 'available'
+            -- No state check: every candidate was locked FOR UPDATE above, so it is still available.
+            -- (With one, the planner may pick the fetch index, whose leading columns are not id.)
+            WHERE j.id = ANY(v_taken)
             RETURNING j.*
         )
         SELECT 'job', cl.id, 'executing', cl.queue, cl.worker, cl.args::text, cl.meta::text, cl.tags,
@@ -253,7 +258,7 @@ BEGIN
                     meta = j.meta || jsonb_build_object('skipped', jsonb_build_object(
                         'reason', 'limit', 'key', j.limit_key, 'at', v_now)),
                     unique_states = __prefix__.oban_unique_next(j.unique_states, 'available', 'cancelled')
-                WHERE j.id = ANY(v_skipped) AND j.state = 'available'
+                WHERE j.id = ANY(v_skipped)  -- locked FOR UPDATE above, like the claims
                 RETURNING j.*
             )
             SELECT 'skipped', s.id, 'cancelled', s.queue, s.worker, s.args::text, s.meta::text, s.tags,

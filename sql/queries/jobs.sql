@@ -50,12 +50,14 @@ FROM __prefix__.oban_jobs AS j
 WHERE j.id = ANY(:ids::bigint[])
 
 -- name: job_insert
--- One statement for a single job or a whole chunk. Each row gets its id up front from the sequence,
--- so results map back to input order by id rather than by trusting RETURNING order. A row whose unique
--- key is held is skipped by ON CONFLICT DO NOTHING: nothing is written to the holder (no dead tuple, no
--- row lock); the caller resolves those rows in a fresh statement (job_insert_resolve). Producers of
--- each queue that got an available job are woken with one NOTIFY per queue; PostgreSQL folds
--- identical notifications within a transaction, so a batch wakes each queue once.
+-- A chunk of jobs, some unique or limited. Each row gets its id up front from the sequence, so results
+-- map back to input order by id rather than by trusting RETURNING order; rows are inserted in input
+-- order, which the caller makes key order so that concurrent batches cannot deadlock. A row whose
+-- unique key is held is skipped by ON CONFLICT DO NOTHING: nothing is written to the holder (no dead
+-- tuple, no row lock). Holders that were committed before this statement are returned right here;
+-- a row whose holder committed while we waited on it, or whose holder's period is over, is resolved
+-- by a fresh statement (job_insert_resolve). One NOTIFY per queue wakes its producers (PostgreSQL also
+-- folds identical notifications within a transaction).
 WITH input AS (
     SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
     FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
@@ -82,12 +84,51 @@ ins AS (
     ORDER BY i.ord
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND __prefix__.oban_unique_holds(unique_states, state)
     DO NOTHING
-    RETURNING j.id, j.state, j.inserted_at, j.scheduled_at, j.queue
+    RETURNING j.id, j.state, j.inserted_at, j.scheduled_at
 ),
-woken AS (
-    SELECT count(pg_notify(:channel, q.queue)) AS n
-    FROM (SELECT DISTINCT ins.queue FROM ins WHERE ins.state = 'available') AS q
-)
+holders AS (
+    SELECT i.ord, h.*
+    FROM input AS i
+    JOIN __prefix__.oban_jobs AS h ON h.unique_key = i.unique_key
+    WHERE i.unique_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ins WHERE ins.id = i.id)
+      AND h.unique_key IS NOT NULL AND __prefix__.oban_unique_holds(h.unique_states, h.state)
+      AND (h.unique_expires_at IS NULL OR h.unique_expires_at > now())
+),
+woken AS (SELECT count(pg_notify(:channel, q)) AS n FROM unnest(:notify::text[]) AS q)
+SELECT true AS inserted, i.ord, ins.id, ins.state::text AS state, NULL AS queue, NULL AS worker,
+       NULL AS args, NULL AS meta, NULL::text[] AS tags, NULL AS errors, NULL AS result,
+       NULL::smallint AS attempt, NULL::smallint AS max_attempts, NULL::smallint AS priority,
+       ins.inserted_at, ins.scheduled_at, NULL::timestamptz AS attempted_at, NULL AS attempted_by,
+       NULL::timestamptz AS completed_at, NULL::timestamptz AS cancelled_at, NULL::timestamptz AS discarded_at
+FROM ins JOIN input AS i USING (id) CROSS JOIN woken
+UNION ALL
+SELECT false, h.ord, h.id, h.state::text, h.queue, h.worker, h.args::text, h.meta::text, h.tags,
+       h.errors::text, h.result::text, h.attempt, h.max_attempts, h.priority, h.inserted_at,
+       h.scheduled_at, h.attempted_at, h.attempted_by, h.completed_at, h.cancelled_at, h.discarded_at
+FROM holders AS h
+
+-- name: job_insert_plain
+-- job_insert for a chunk with no unique or limited job (the common bulk insert): fewer columns to
+-- send and no conflict to resolve.
+WITH input AS (
+    SELECT nextval('__prefix__.oban_jobs_id_seq') AS id, t.*
+    FROM unnest(:workers::text[], :queues::text[], :args::text[], :metas::text[], :tags::text[],
+                :priorities::smallint[], :max_attempts::smallint[], :scheduled_ats::timestamptz[])
+         WITH ORDINALITY AS t(worker, queue, args, meta, tags, priority, max_attempts, scheduled_at, ord)
+),
+ins AS (
+    INSERT INTO __prefix__.oban_jobs AS j (
+        id, state, queue, worker, args, meta, tags, priority, max_attempts, scheduled_at)
+    SELECT i.id,
+           (CASE WHEN i.scheduled_at > now() THEN 'scheduled' ELSE 'available' END)::__prefix__.oban_job_state,
+           i.queue, i.worker, i.args::jsonb, i.meta::jsonb,
+           CASE WHEN i.tags = '[]' THEN '{}'::text[]
+                ELSE ARRAY(SELECT jsonb_array_elements_text(i.tags::jsonb)) END,
+           i.priority, i.max_attempts, COALESCE(i.scheduled_at, now())
+    FROM input AS i
+    RETURNING j.id, j.state, j.inserted_at, j.scheduled_at
+),
+woken AS (SELECT count(pg_notify(:channel, q)) AS n FROM unnest(:notify::text[]) AS q)
 SELECT i.ord, ins.id, ins.state::text AS state, ins.inserted_at, ins.scheduled_at
 FROM ins JOIN input AS i USING (id) CROSS JOIN woken
 
