@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("chart failed: " + ch.stderr.strip()[-500:])
         else:
             log(f"chart skipped: {why}")
-    latest = o.out / "latest"
+    latest = o.out / ("latest-quick" if o.quick else "latest")  # a smoke run never replaces the full results
     if latest.exists():
         shutil.rmtree(latest)
     shutil.copytree(outdir, latest)

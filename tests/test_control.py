@@ -127,3 +127,30 @@ async def test_pause_resume_scale(make_oban: Any, oban: Oban, db: asyncpg.Connec
     await oban.scale_queue("ctl", limit=3, node="other-node")
     await asyncio.sleep(0.3)
     assert producer.limit == 7
+
+
+async def test_late_ack_from_a_presumed_dead_node_is_ignored(
+    oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    import uuid
+
+    from oban_py.runtime.executor import Ack
+    from oban_py.runtime.producer import Target, claim_jobs, write_acks
+
+    job = await oban.insert(Quick.new({"i": 1}))
+    dead, alive = str(uuid.uuid4()), str(uuid.uuid4())
+    driver = oban.driver
+    [first] = await claim_jobs(driver, None, [Target("ctl")], 1, node="dead", instance=dead)
+    # The dead node never heartbeated: any live node rescues its job, and another node claims it again.
+    await driver.execute("node_heartbeat", instance=alive, node="alive", meta="{}")
+    rescued = await driver.transition("job_rescue", instance=alive, rescue_after=30.0, limit=10)
+    assert [r["id"] for r in rescued] == [job.id]
+    [second] = await claim_jobs(driver, None, [Target("ctl")], 1, node="alive", instance=alive)
+    assert second["attempt"] == 2 and second["attempted_at"] != first["attempted_at"]
+    async with driver.connection() as conn:  # now the dead node's late outcome arrives
+        await write_acks(driver, conn, [Ack(job.id, first["attempted_at"], "discarded")])  # type: ignore[arg-type]
+    row = await oban.get_job(job.id)  # type: ignore[arg-type]
+    assert row.state is JobState.EXECUTING and row.attempt == 2 and row.attempted_by == "alive"
+    async with driver.connection() as conn:
+        await write_acks(driver, conn, [Ack(job.id, second["attempted_at"], "completed")])  # type: ignore[arg-type]
+    assert (await oban.get_job(job.id)).state is JobState.COMPLETED  # type: ignore[arg-type]
