@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -403,11 +404,35 @@ class Oban:
         scheduled and retryable jobs due now (repeatedly, so retries run too, up to ``limit`` jobs).
         Returns counts by final state.
         """
-        from .runtime.producer import Target, claim_jobs, write_acks
-
         validate_queue(queue)
         driver = self.driver
-        instance = self.node.instance if self.node else "00000000-0000-0000-0000-000000000000"
+        if self.node is not None:
+            return await self._drain(queue, self.node.instance, with_scheduled, limit)
+        # Without a running node, the drain registers as a short-lived node of its own: a cluster's
+        # rescuer treats jobs claimed by an unregistered instance as orphans and would run them twice.
+        instance = str(uuid.uuid4())
+        name = f"drain:{self.config.node or os.getpid()}"
+        meta = json.dumps({"drain": queue})
+        interval = min(1.0, self.config.heartbeat_interval)
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                await driver.execute("node_heartbeat", instance=instance, node=name, meta=meta)
+
+        await driver.execute("node_heartbeat", instance=instance, node=name, meta=meta)
+        heartbeat = asyncio.create_task(beat())
+        try:
+            return await self._drain(queue, instance, with_scheduled, limit)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.shield(driver.execute("node_delete", instance=instance))
+
+    async def _drain(self, queue: str, instance: str, with_scheduled: bool, limit: int) -> dict[str, int]:
+        from .runtime.producer import Target, claim_jobs, write_acks
+
+        driver = self.driver
         counts: dict[str, int] = {}
         done = 0
         while done < limit:

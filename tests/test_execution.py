@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 import time
@@ -259,6 +260,27 @@ async def test_drain_queue(oban: Oban, db: asyncpg.Connection, prefix: str) -> N
     counts = await oban.drain_queue("exec", with_scheduled=True)
     assert counts == {"completed": 3, "retryable": 2, "discarded": 1}
     assert await states(db, prefix) == {"completed": 3, "discarded": 1}
+
+
+@worker(queue="drained")
+class LongNap(Worker):
+    async def process(self, job: Job[Any]) -> None:
+        await asyncio.sleep(job.args["seconds"])
+
+
+async def test_drain_registers_as_a_node_so_a_running_cluster_does_not_rescue_it(
+    make_oban: Any, oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    cluster = await make_oban(name="cluster", queues={"other": 1})  # its rescuer runs every 0.2 s
+    job_ = await oban.insert(LongNap.new({"seconds": 2.5}))  # longer than rescue_after (1 s)
+    assert await oban.drain_queue("drained") == {"completed": 1}
+    row = await db.fetchrow(
+        f"SELECT state::text, attempt, meta FROM {prefix}.oban_jobs WHERE id = $1", job_.id
+    )
+    assert (row["state"], row["attempt"]) == ("completed", 1)
+    assert "rescued" not in json.loads(row["meta"])
+    nodes = await db.fetch(f"SELECT node FROM {prefix}.oban_nodes")
+    assert [n["node"] for n in nodes] == [cluster.node.name]  # the drain's own row is gone
 
 
 async def test_notify_wakes_the_producer(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
