@@ -29,6 +29,7 @@ from . import _insert
 from .config import Config, build_config, env_settings, load_config
 from .db.connect import create_pool
 from .db.driver import Driver
+from .db.lease import Leases
 from .db.migrate import current_version, latest_version, migrate, rollback
 from .db.rows import job_from_record
 from .embedded import masked_dsn
@@ -143,7 +144,8 @@ class Oban:
                     application_name=f"oban_py:{self.config.node or os.getpid()}",
                 )
                 log.debug("connected to %s", masked_dsn(dsn))
-            self._driver = Driver(self.pool, self.config.prefix)
+            leases = Leases(self.pool, self.config.pool_size) if self._external_pool is None else None
+            self._driver = Driver(self.pool, self.config.prefix, leases=leases)
             try:
                 auto = self.config.migrate if self.config.migrate is not None else embedded
                 if auto:
@@ -177,6 +179,8 @@ class Oban:
             await self._close_pool()
 
     async def _close_pool(self) -> None:
+        if self._driver is not None and self._driver.leases is not None:
+            await self._driver.leases.close()
         if self.pool is not None and self._external_pool is None:
             try:
                 await asyncio.wait_for(self.pool.close(), 10.0)

@@ -16,6 +16,7 @@ import asyncpg
 
 from ..errors import DatabaseUnavailable
 from .connect import is_transient, unavailable
+from .lease import Leases
 from .sql import Queries
 
 __all__ = ["Driver"]
@@ -26,8 +27,11 @@ log = logging.getLogger("oban_py.db")
 class Driver:
     """Named queries for one schema prefix over one asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool, prefix: str = "public") -> None:
+    def __init__(self, pool: asyncpg.Pool, prefix: str = "public", *, leases: Leases | None = None) -> None:
         self.pool = pool
+        # Our own pool gets fast connection reuse; a caller's pool is used as is (we must not hold on
+        # to connections its owner may need).
+        self.leases = leases
         self.prefix = prefix
         self.queries = Queries(prefix)
         self.insert_channel = f"{prefix}.oban_insert"
@@ -42,8 +46,15 @@ class Driver:
             yield conn
             return
         try:
-            async with self.pool.acquire() as acquired:
-                yield acquired
+            if self.leases is not None:
+                leased = await self.leases.acquire()
+                try:
+                    yield leased
+                finally:
+                    await self.leases.release(leased)
+            else:
+                async with self.pool.acquire() as acquired:
+                    yield acquired
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc) from exc
@@ -67,6 +78,12 @@ class Driver:
         try:
             if conn is not None:
                 return await getattr(conn, method)(query.text, *args)
+            if self.leases is not None:
+                leased = await self.leases.acquire()
+                try:
+                    return await getattr(leased, method)(query.text, *args)
+                finally:
+                    await self.leases.release(leased)
             async with self.pool.acquire() as acquired:
                 return await getattr(acquired, method)(query.text, *args)
         except Exception as exc:

@@ -1,0 +1,117 @@
+"""Leases: fast reuse of pooled connections never exceeds its size, starves nobody, leaks nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from oban_py.db.connect import create_pool
+from oban_py.db.lease import Leases
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def pool(test_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(test_dsn, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+async def _backends(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT pg_backend_pid()"))
+
+
+async def test_many_callers_share_at_most_size_connections(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 3)
+    in_use = {"now": 0, "max": 0}
+    pids: set[int] = set()
+
+    async def call(i: int) -> None:
+        conn = await leases.acquire()
+        in_use["now"] += 1
+        in_use["max"] = max(in_use["max"], in_use["now"])
+        try:
+            pids.add(await _backends(conn))
+            await conn.execute("SELECT pg_sleep(0.005)")
+        finally:
+            in_use["now"] -= 1
+            await leases.release(conn)
+
+    await asyncio.gather(*(call(i) for i in range(60)))
+    assert in_use["max"] == 3
+    assert len(pids) <= 3
+    await leases.close()
+    assert pool.get_idle_size() == pool.get_size()  # every connection is back in the pool
+
+
+async def test_released_connection_is_reused_without_the_pool(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 3)
+    first = await leases.acquire()
+    pid = await _backends(first)
+    await leases.release(first)
+    again = await leases.acquire()
+    assert again is first and await _backends(again) == pid
+    await leases.release(again)
+    await leases.close()
+
+
+async def test_idle_connections_go_back_so_direct_pool_users_are_not_starved(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 4, idle_return=0.1)
+    held = [await leases.acquire() for _ in range(4)]
+    for conn in held:
+        await leases.release(conn)
+    # All four pool connections now sit idle in the leases; code using the pool directly gets them back.
+    direct = await asyncio.wait_for(asyncio.gather(*(pool.acquire() for _ in range(4))), 2.0)
+    for conn in direct:
+        await pool.release(conn)
+    await leases.close()
+
+
+async def test_dirty_and_broken_connections_go_back_to_the_pool(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 2)
+    conn = await leases.acquire()
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute("CREATE TEMP TABLE lease_probe (x int)")
+    await leases.release(conn)  # left in a transaction: the pool's reset rolls it back
+
+    victim = await leases.acquire()
+    pid = await _backends(victim)
+    async with pool.acquire() as killer:
+        await killer.execute("SELECT pg_terminate_backend($1)", pid)
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        await victim.fetchval("SELECT 1")
+    await leases.release(victim)  # broken: handed back for the pool to replace
+    fresh = [await leases.acquire() for _ in range(2)]
+    assert all([await c.fetchval("SELECT 1") == 1 for c in fresh])
+    assert all([await c.fetchval("SELECT to_regclass('lease_probe')") is None for c in fresh])
+    for c in fresh:
+        await leases.release(c)
+    await leases.close()
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 1)
+    holder = await leases.acquire()
+    waiter = asyncio.create_task(leases.acquire())
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    # A connection handed to a waiter that is cancelled before it runs is passed on, not lost.
+    second = asyncio.create_task(leases.acquire())
+    third = asyncio.create_task(leases.acquire())
+    await asyncio.sleep(0.01)
+    await leases.release(holder)  # handed to `second`...
+    second.cancel()  # ...which is cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    conn = await asyncio.wait_for(third, 2.0)
+    assert conn is holder
+    await leases.release(conn)
+    await leases.close()
+    assert pool.get_idle_size() == pool.get_size()
