@@ -144,6 +144,7 @@ class Oban:
                     application_name=f"oban_py:{self.config.node or os.getpid()}",
                 )
                 log.debug("connected to %s", masked_dsn(dsn))
+            # Our own pool: released connections are kept for reuse (a caller's pool is left alone).
             leases = Leases(self.pool, self.config.pool_size) if self._external_pool is None else None
             self._driver = Driver(self.pool, self.config.prefix, leases=leases)
             try:
@@ -179,7 +180,7 @@ class Oban:
             await self._close_pool()
 
     async def _close_pool(self) -> None:
-        if self._driver is not None and self._driver.leases is not None:
+        if self._driver is not None:
             await self._driver.leases.close()
         if self.pool is not None and self._external_pool is None:
             try:

@@ -29,9 +29,9 @@ class Driver:
 
     def __init__(self, pool: asyncpg.Pool, prefix: str = "public", *, leases: Leases | None = None) -> None:
         self.pool = pool
-        # Our own pool gets fast connection reuse; a caller's pool is used as is (we must not hold on
-        # to connections its owner may need).
-        self.leases = leases
+        # Default: every connection goes straight back to the pool (right for a caller's pool, whose
+        # owner may need them); the engine's own pool gets Leases that keep released ones.
+        self.leases = leases or Leases(pool, pool.get_max_size(), keep=False)
         self.prefix = prefix
         self.queries = Queries(prefix)
         self.insert_channel = f"{prefix}.oban_insert"
@@ -46,15 +46,11 @@ class Driver:
             yield conn
             return
         try:
-            if self.leases is not None:
-                leased = await self.leases.acquire()
-                try:
-                    yield leased
-                finally:
-                    await self.leases.release(leased)
-            else:
-                async with self.pool.acquire() as acquired:
-                    yield acquired
+            leased = await self.leases.acquire()
+            try:
+                yield leased
+            finally:
+                await self.leases.release(leased)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc) from exc
@@ -78,14 +74,11 @@ class Driver:
         try:
             if conn is not None:
                 return await getattr(conn, method)(query.text, *args)
-            if self.leases is not None:
-                leased = await self.leases.acquire()
-                try:
-                    return await getattr(leased, method)(query.text, *args)
-                finally:
-                    await self.leases.release(leased)
-            async with self.pool.acquire() as acquired:
-                return await getattr(acquired, method)(query.text, *args)
+            leased = await self.leases.acquire()
+            try:
+                return await getattr(leased, method)(query.text, *args)
+            finally:
+                await self.leases.release(leased)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc, name) from exc

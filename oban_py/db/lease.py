@@ -5,8 +5,8 @@ as a shielded task, so every call spends extra event-loop turns): 10% of a singl
 keeps connections the engine has released in a LIFO list and hands them straight to the next caller,
 going to the asyncpg pool only to grow, to return a broken or dirty connection, and to give back
 connections that sat unused for ``idle_return`` seconds (so code using ``oban.pool`` directly is never
-starved for long). At most ``size`` connections are out of the pool at once; callers beyond that wait
-in order.
+starved for long). At most ``size`` connections are out of the pool at once; callers beyond that wait,
+and released connections go to them first come, first served.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ __all__ = ["Leases"]
 class Leases:
     """Connections of one asyncpg pool, reused without a pool round trip."""
 
-    def __init__(self, pool: asyncpg.Pool, size: int, *, idle_return: float = 0.25) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, size: int, *, idle_return: float = 0.25, keep: bool = True
+    ) -> None:
         self.pool = pool
         self.size = size
+        self.keep = keep  # False: every release goes straight back to the pool
         self.idle_return = idle_return
         self._idle: list[tuple[Any, float]] = []  # (connection, released at), most recent last
         self._out = 0  # connections taken from the pool: idle here or in use
@@ -68,7 +71,7 @@ class Leases:
 
     async def release(self, conn: Any) -> None:
         try:
-            clean = not (self._closed or conn.is_closed() or conn.is_in_transaction())
+            clean = self.keep and not (self._closed or conn.is_closed() or conn.is_in_transaction())
         except asyncpg.InterfaceError:
             # asyncpg already took back a connection that was closed under us (its proxy is detached).
             self._out -= 1
