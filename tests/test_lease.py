@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
+from oban_py import Job, Oban, Worker, worker
 from oban_py.db.connect import create_pool
+from oban_py.db.driver import Driver
 from oban_py.db.lease import Leases
 
 pytestmark = pytest.mark.anyio
+
+
+@worker(queue="lease_probe")
+class LeaseProbe(Worker):
+    async def process(self, job: Job[Any]) -> None:
+        pass
 
 
 @pytest.fixture
 async def pool(test_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(test_dsn, min_size=1, max_size=4)
     yield pool
-    await pool.close()
+    try:
+        await asyncio.wait_for(pool.close(), 5.0)  # a failed test may leave a connection out
+    except asyncio.TimeoutError:
+        pool.terminate()
 
 
 async def _backends(conn: asyncpg.Connection) -> int:
@@ -83,9 +95,16 @@ async def test_dirty_and_broken_connections_go_back_to_the_pool(pool: asyncpg.Po
     pid = await _backends(victim)
     async with pool.acquire() as killer:
         await killer.execute("SELECT pg_terminate_backend($1)", pid)
-    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
-        await victim.fetchval("SELECT 1")
-    await leases.release(victim)  # broken: handed back for the pool to replace
+    broken: BaseException | None = None
+    for _ in range(100):  # the backend exits a moment after pg_terminate_backend returns
+        try:
+            await victim.fetchval("SELECT 1")
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
+            broken = exc
+            break
+        await asyncio.sleep(0.02)
+    assert broken is not None
+    await leases.release(victim, failed=True)  # broken: handed back for the pool to replace
     fresh = [await leases.acquire() for _ in range(2)]
     assert all([await c.fetchval("SELECT 1") == 1 for c in fresh])
     assert all([await c.fetchval("SELECT to_regclass('lease_probe')") is None for c in fresh])
@@ -115,3 +134,34 @@ async def test_cancelled_waiter_does_not_leak_a_slot(pool: asyncpg.Pool) -> None
     await leases.release(conn)
     await leases.close()
     assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_a_connection_whose_query_was_cancelled_is_not_reused_as_is(pool: asyncpg.Pool) -> None:
+    driver = Driver(pool, leases=Leases(pool, 1))
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        async with driver.connection() as conn:
+            started.set()
+            await conn.execute("SELECT pg_sleep(5)")
+
+    task = asyncio.create_task(slow())
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The next user of the only slot gets a working connection, not one still busy with the old query.
+    async with driver.connection() as conn:
+        assert await asyncio.wait_for(conn.fetchval("SELECT 1"), 2.0) == 1
+    await driver.leases.close()
+
+
+async def test_a_callers_pool_is_used_but_never_held(pool: asyncpg.Pool, prefix: str) -> None:
+    async with Oban(pool=pool, prefix=prefix) as oban:
+        jobs = await oban.insert_all([LeaseProbe.new({"i": i}) for i in range(3)])
+        assert await oban.drain_queue("lease_probe") == {"completed": 3}
+        assert pool.get_idle_size() == pool.get_size()  # nothing kept aside between calls
+        assert all(j.id is not None for j in jobs)
+    assert not pool.is_closing()  # the caller's pool outlives the Oban instance
+    assert await pool.fetchval("SELECT count(*) FROM " + prefix + ".oban_jobs WHERE state = 'completed'") == 3

@@ -47,10 +47,15 @@ class Driver:
             return
         try:
             leased = await self.leases.acquire()
+            failed = True
             try:
                 yield leased
+                failed = False
+            except asyncpg.PostgresError:
+                failed = False  # a server-side error leaves the connection usable
+                raise
             finally:
-                await self.leases.release(leased)
+                await self.leases.release(leased, failed=failed)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc) from exc
@@ -75,10 +80,16 @@ class Driver:
             if conn is not None:
                 return await getattr(conn, method)(query.text, *args)
             leased = await self.leases.acquire()
+            failed = True
             try:
-                return await getattr(leased, method)(query.text, *args)
+                result = await getattr(leased, method)(query.text, *args)
+                failed = False
+                return result
+            except asyncpg.PostgresError:
+                failed = False  # a server-side error leaves the connection usable
+                raise
             finally:
-                await self.leases.release(leased)
+                await self.leases.release(leased, failed=failed)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc, name) from exc

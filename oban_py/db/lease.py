@@ -69,9 +69,11 @@ class Leases:
             if conn is not None:
                 return conn
 
-    async def release(self, conn: Any) -> None:
+    async def release(self, conn: Any, *, failed: bool = False) -> None:
+        """Take ``conn`` back. ``failed``: the caller's use of it ended in an error other than a server-side
+        SQL error (a cancelled query, a lost or confused connection): the pool then checks and resets it."""
         try:
-            clean = self.keep and not (self._closed or conn.is_closed() or conn.is_in_transaction())
+            clean = self.keep and not (failed or self._closed or conn.is_closed() or conn.is_in_transaction())
         except asyncpg.InterfaceError:
             # asyncpg already took back a connection that was closed under us (its proxy is detached).
             self._out -= 1
