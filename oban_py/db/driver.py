@@ -46,16 +46,8 @@ class Driver:
             yield conn
             return
         try:
-            leased = await self.leases.acquire()
-            failed = True
-            try:
+            async with self.leases.use() as leased:
                 yield leased
-                failed = False
-            except asyncpg.PostgresError:
-                failed = False  # a server-side error leaves the connection usable
-                raise
-            finally:
-                await self.leases.release(leased, failed=failed)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc) from exc
@@ -79,17 +71,8 @@ class Driver:
         try:
             if conn is not None:
                 return await getattr(conn, method)(query.text, *args)
-            leased = await self.leases.acquire()
-            failed = True
-            try:
-                result = await getattr(leased, method)(query.text, *args)
-                failed = False
-                return result
-            except asyncpg.PostgresError:
-                failed = False  # a server-side error leaves the connection usable
-                raise
-            finally:
-                await self.leases.release(leased, failed=failed)
+            async with self.leases.use() as leased:
+                return await getattr(leased, method)(query.text, *args)
         except Exception as exc:
             if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
                 raise unavailable(exc, name) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from typing import Any
 
@@ -69,6 +70,11 @@ class Leases:
             if conn is not None:
                 return conn
 
+    def use(self) -> _Lease:
+        """``async with leases.use() as conn``: a connection, released on exit. An exception other than
+        a server-side SQL error marks it failed (the pool then checks it)."""
+        return _Lease(self)
+
     async def release(self, conn: Any, *, failed: bool = False) -> None:
         """Take ``conn`` back. ``failed``: the caller's use of it ended in an error other than a server-side
         SQL error (a cancelled query, a lost or confused connection): the pool then checks and resets it."""
@@ -107,9 +113,9 @@ class Leases:
     async def _give_back(self, conn: Any) -> None:
         self._out -= 1
         try:
-            await self.pool.release(conn)
-        except asyncpg.InterfaceError:
-            pass  # already back in the pool (closed under us)
+            # InterfaceError: asyncpg already took it back when it was closed under us.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self.pool.release(conn)
         finally:
             self._wake()
 
@@ -132,3 +138,22 @@ class Leases:
                 task.add_done_callback(self._returning.discard)
         if self._idle and not self._closed:
             self._sweeper = asyncio.get_running_loop().call_later(self.idle_return, self._sweep)
+
+
+class _Lease:
+    """The context manager behind :meth:`Leases.use` (a class: cheaper than a generator on hot paths)."""
+
+    __slots__ = ("_conn", "_leases")
+
+    def __init__(self, leases: Leases) -> None:
+        self._leases = leases
+        self._conn: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._conn = await self._leases.acquire()
+        return self._conn
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        # A server-side SQL error leaves the connection usable; anything else may not have.
+        failed = exc is not None and not isinstance(exc, asyncpg.PostgresError)
+        await self._leases.release(self._conn, failed=failed)
