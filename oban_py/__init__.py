@@ -9,13 +9,14 @@ from ._version import __version__
 from .config import Config, QueueConfig, load_config
 from .job import Cancel, Job, JobState, Record, Snooze
 from .oban import Oban
-from .runtime.executor import current_job
+from .runtime.executor import Interrupted, current_job
 from .unique import UniqueOptions
 from .worker import Worker, job, worker
 
 __all__ = [
     "Cancel",
     "Config",
+    "Interrupted",
     "Job",
     "JobState",
     "Oban",

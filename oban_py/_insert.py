@@ -2,7 +2,8 @@
 
 Every input gets a definite answer: a new row (``conflicted=False``), the row that holds its unique
 key (``conflicted=True``, real id and state), or an exception raised before anything is written
-(bad input) or with the transaction rolled back (database error).
+(bad input) or with the transaction rolled back (database error). A batch answers exactly as the
+same jobs inserted one by one in input order would (see ``_execute``).
 
 The unique path, per chunk:
 
@@ -12,20 +13,27 @@ The unique path, per chunk:
    during that wait): holders past their period lose the key and the rows are inserted in their place;
    the others get their live holder back.
 3. A row that got neither (its holder left the group, or a new holder raced in) goes round again.
+4. ``job_replace`` for the jobs with ``replace`` that met a holder, one step per key at a time.
 
-Unique rows are sent in key order, so two concurrent batches lock keys in the same order and cannot
-deadlock each other.
+Unique rows are sent in key order in every round, and every statement that locks several rows locks
+them in (key, id) order, so concurrent batches, replaces and cancels take keys in one order. A round
+after the first can still revisit a lower key, so a deadlock is possible in principle: when the whole
+transaction is ours, it is run again (``retry_deadlocks``) instead of surfacing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import asyncpg
 from pydantic import BaseModel
 
 from . import _json
@@ -33,18 +41,48 @@ from .db.rows import job_from_record
 from .errors import ObanError, UnknownWorker, ValidationError
 from .job import Job, JobState
 from .limits import KeyedLimit, LimitOptions, resolve_limit
-from .unique import UniqueOptions, UniqueSpec, resolve_unique
-from .worker import MAX_ATTEMPTS_LIMIT, WorkerSpec, get_worker, validate_queue
+from .unique import STATE_BITS, UniqueOptions, UniqueSpec, resolve_unique
+from .worker import (
+    MAX_ATTEMPTS_LIMIT,
+    WorkerSpec,
+    get_worker,
+    validate_queue,
+    validate_scheduled_at,
+    validate_tags,
+    validate_worker_name,
+)
 
 if TYPE_CHECKING:
     from .db.driver import Driver
 
-__all__ = ["insert_jobs"]
+__all__ = ["insert_jobs", "retry_deadlocks"]
 
 DEFAULT_CHUNK = 5_000
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
+DEADLOCK_RETRIES = 5
 _MAX_ROUNDS = 20
 _STATES = {s.value: s for s in JobState}
+_INSERT_BITS = STATE_BITS["scheduled"] | STATE_BITS["available"]
+T = TypeVar("T")
+log = logging.getLogger("oban_py")
+
+
+@dataclass
+class _Session:
+    """Where the statements of one insert_jobs call go.
+
+    ``retry``: each statement is a whole transaction of ours (a pooled connection outside a
+    transaction), so one that deadlocks can simply run again.
+    """
+
+    driver: Driver
+    conn: Any
+    retry: bool
+
+    async def fetch(self, query: str, /, **params: Any) -> list[Any]:
+        if not self.retry:
+            return await self.driver.fetch(query, self.conn, **params)
+        return await retry_deadlocks(lambda: self.driver.fetch(query, self.conn, **params))
 
 
 @dataclass
@@ -62,9 +100,7 @@ class _Item:
 def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
     if not isinstance(job, Job):
         raise ValidationError(f"jobs[{index}]", job, "must be a Job (build one with Worker.new(...))")
-    worker = job.worker
-    if not isinstance(worker, str) or not worker or len(worker) > 255:
-        raise ValidationError("worker", worker, "must be a non-empty string of at most 255 characters")
+    worker = validate_worker_name(job.worker)
     validate_queue(job.queue, worker=worker)
     if isinstance(job.priority, bool) or not isinstance(job.priority, int) or not 0 <= job.priority <= 9:
         raise ValidationError("priority", job.priority, "must be an integer from 0 to 9", worker=worker)
@@ -73,9 +109,8 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
         raise ValidationError(
             "max_attempts", ma, f"must be an integer from 1 to {MAX_ATTEMPTS_LIMIT}", worker=worker
         )
-    at = job.scheduled_at
-    if at is not None and (not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None):
-        raise ValidationError("scheduled_at", at, "must be a timezone-aware datetime", worker=worker)
+    if job.scheduled_at is not None:
+        validate_scheduled_at(job.scheduled_at, worker=worker)
     args = job.args
     if isinstance(args, BaseModel):
         args = args.model_dump(mode="json")
@@ -84,12 +119,7 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
     if not isinstance(job.meta, Mapping):
         raise ValidationError("meta", job.meta, "must be a dict", worker=worker)
     tags: Any = job.tags
-    if (
-        isinstance(tags, str)
-        or not isinstance(tags, (list, tuple))
-        or not all(isinstance(t, str) for t in tags)
-    ):
-        raise ValidationError("tags", tags, "must be a list of strings", worker=worker)
+    validate_tags(tags, worker=worker)
     args_text, canonical = _json.encode_checked(args, "args", limit=max_bytes, worker=worker)
     meta_text = _json.encode(job.meta, "meta", limit=max_bytes, worker=worker) if job.meta else "{}"
     try:
@@ -143,6 +173,10 @@ def _columns(items: Sequence[_Item], *, plain: bool = False) -> dict[str, list[A
     }
 
 
+#: The fields of an input job that _mark_inserted sets.
+_MARKED = ("id", "state", "inserted_at", "scheduled_at", "attempt", "conflicted", "unique_key")
+
+
 def _mark_inserted(item: _Item, row: Any) -> None:
     job = item.job
     job.id = row["id"]
@@ -155,14 +189,13 @@ def _mark_inserted(item: _Item, row: Any) -> None:
     item.result = job
 
 
-async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_Item]:
+async def _insert_round(s: _Session, items: list[_Item]) -> list[_Item]:
     """job_insert for ``items``; returns the unique items that were skipped as conflicts."""
-    if len(items) == 1:
+    if len(items) == 1 and (items[0].unique is None or _always_takes(items[0])):
         it = items[0]
-        rows = await driver.fetch(
+        rows = await s.fetch(
             "job_insert_one",
-            conn,
-            channel=driver.insert_channel,
+            channel=s.driver.insert_channel,
             worker=it.job.worker,
             queue=it.job.queue,
             args=it.args,
@@ -184,21 +217,15 @@ async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_
     # One NOTIFY per queue, computed here (a scheduled job's queue gets a harmless extra wake-up).
     notify = sorted({it.job.queue for it in items})
     if all(it.unique is None and it.limit is None for it in items):
-        rows = await driver.fetch(
-            "job_insert_plain",
-            conn,
-            channel=driver.insert_channel,
-            notify=notify,
-            **_columns(items, plain=True),
+        rows = await s.fetch(
+            "job_insert_plain", channel=s.driver.insert_channel, notify=notify, **_columns(items, plain=True)
         )
         for row in rows:
             _mark_inserted(items[row["ord"] - 1], row)
         if len(rows) != len(items):  # cannot conflict: every row must come back
             raise ObanError(f"insert returned {len(rows)} rows for {len(items)} jobs")
         return []
-    rows = await driver.fetch(
-        "job_insert", conn, channel=driver.insert_channel, notify=notify, **_columns(items)
-    )
+    rows = await s.fetch("job_insert", channel=s.driver.insert_channel, notify=notify, **_columns(items))
     for row in rows:
         item = items[row["ord"] - 1]
         if row["inserted"]:
@@ -210,9 +237,9 @@ async def _insert_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_
     return [it for it in items if it.result is None]
 
 
-async def _resolve_round(driver: Driver, conn: Any, items: list[_Item]) -> list[_Item]:
+async def _resolve_round(s: _Session, items: list[_Item]) -> list[_Item]:
     """job_insert_resolve for skipped items; returns those still without an answer."""
-    rows = await driver.fetch("job_insert_resolve", conn, channel=driver.insert_channel, **_columns(items))
+    rows = await s.fetch("job_insert_resolve", channel=s.driver.insert_channel, **_columns(items))
     holders: dict[bytes, Any] = {}
     for row in rows:
         if row["inserted"]:
@@ -234,23 +261,35 @@ async def _resolve_round(driver: Driver, conn: Any, items: list[_Item]) -> list[
     return left
 
 
-async def _replace(driver: Driver, conn: Any, items: list[_Item]) -> None:
-    """Apply ``replace={state: [fields]}`` to the holders these conflicted items found."""
-    todo = [
-        it for it in items if it.unique and it.unique.options.replace and it.result and it.result.conflicted
-    ]
-    if not todo:
-        return
-    by_holder: dict[int, _Item] = {}
-    for it in todo:  # one replacement per holder; the last input wins, as sequential inserts would
-        assert it.result is not None
-        assert it.result.id is not None
-        by_holder[it.result.id] = it
-    chosen = list(by_holder.values())
-    rows = await driver.fetch(
+async def _insert_chunks(s: _Session, items: list[_Item], chunk: int) -> None:
+    """Insert ``items`` (in key order), chunk by chunk, until each has a row or its holder."""
+    for start in range(0, len(items), chunk):
+        pending = await _insert_round(s, items[start : start + chunk])
+        rounds = 0
+        while pending:  # a subset of a sorted chunk: still in key order
+            rounds += 1
+            if rounds > _MAX_ROUNDS:
+                ids = [it.index for it in pending]
+                raise ObanError(
+                    f"could not settle unique inserts at positions {ids[:10]} after {_MAX_ROUNDS} rounds: "
+                    "their holders kept changing; nothing was inserted for them"
+                )
+            pending = await _resolve_round(s, pending)
+            if pending:
+                pending = await _insert_round(s, pending)
+
+
+async def _replace(s: _Session, steps: dict[bytes, _Item], holders: dict[bytes, Job[Any]]) -> None:
+    """One replace step per key: ``steps[key]`` overwrites fields of ``holders[key]``.
+
+    The item's answer becomes the holder as replaced (or as it was, when its state is not one the
+    item replaces in). A holder that no longer holds its key afterwards is dropped from ``holders``.
+    """
+    keys = sorted(steps)  # key order, like the inserts (the statement also locks in that order)
+    chosen = [steps[k] for k in keys]
+    rows = await s.fetch(
         "job_replace",
-        conn,
-        ids=[it.result.id for it in chosen if it.result],
+        ids=[holders[k].id for k in keys],
         replaces=[it.unique.replace_json if it.unique else None for it in chosen],
         args=[it.args for it in chosen],
         metas=[it.meta for it in chosen],
@@ -262,31 +301,126 @@ async def _replace(driver: Driver, conn: Any, items: list[_Item]) -> None:
         unique_periods=[it.unique.period if it.unique else None for it in chosen],
     )
     updated = {row["id"]: row for row in rows}
-    for it in todo:
-        assert it.result is not None
-        row = updated.get(it.result.id)
-        if row is not None:
-            fresh = job_from_record(row, conflicted=True)
-            fresh.unique_key = it.result.unique_key
-            it.result = fresh
+    for key, it in zip(keys, chosen, strict=True):
+        row = updated.get(holders[key].id)
+        if row is None:
+            continue  # not in a state this item replaces in: its answer is the holder as it was
+        fresh = job_from_record(row, conflicted=True)
+        fresh.unique_key = key
+        it.result = fresh
+        if row["holds"]:
+            holders[key] = fresh
+        else:  # e.g. a debounce made a `scheduled` group job due now: it left its group
+            del holders[key]
 
 
-async def _run(driver: Driver, conn: Any, primary: list[_Item], chunk: int) -> None:
-    for start in range(0, len(primary), chunk):
-        pending = await _insert_round(driver, conn, primary[start : start + chunk])
-        rounds = 0
-        while pending:
-            rounds += 1
-            if rounds > _MAX_ROUNDS:
-                ids = [it.index for it in pending]
-                raise ObanError(
-                    f"could not settle unique inserts at positions {ids[:10]} after {_MAX_ROUNDS} rounds: "
-                    "their holders kept changing; nothing was inserted for them"
-                )
-            pending = await _resolve_round(driver, conn, pending)
-            if pending:
-                pending = await _insert_round(driver, conn, pending)
-        await _replace(driver, conn, primary[start : start + chunk])
+def _twin(holder: Job[Any], key: bytes) -> Job[Any]:
+    twin = copy.copy(holder)
+    twin.conflicted = True
+    twin.meta = dict(twin.meta)
+    twin.unique_key = key
+    return twin
+
+
+def _always_takes(it: _Item) -> bool:
+    """Takes its key when free whatever its insert state (the group has scheduled and available)."""
+    return it.unique is not None and it.unique.mask & _INSERT_BITS == _INSERT_BITS
+
+
+def _may_take(it: _Item) -> bool:
+    """False only for a job certain to be inserted in a state outside its group.
+
+    That is an immediate job (no ``scheduled_at``: the database makes it ``available``) of a group
+    without ``available``. A job with a ``scheduled_at`` is scheduled or available by the database's
+    clock, so for a group with only one of the two it may take its key or not.
+    """
+    assert it.unique is not None
+    return bool(it.unique.mask & STATE_BITS["available"]) or it.job.scheduled_at is not None
+
+
+async def _execute(s: _Session, items: list[_Item], chunk: int) -> None:
+    """Give every item its answer, as if the items were inserted one by one in input order.
+
+    Per key, the items go through steps. An *insert* step sends the key's next items up to the first
+    one that may take the key, or that has ``replace`` (the earlier ones cannot take it: they only
+    look for a holder). Once a key has a live holder, its next items are duplicates of it, answered
+    here without a statement, except that each one with ``replace`` is a *replace* step on the holder.
+    A holder that leaves its group by a replacement sends the key back to an insert step. Steps of all
+    keys run together: usually one insert statement per chunk and at most one replace statement.
+    """
+    queues: dict[bytes, deque[_Item]] = {}
+    plain: list[_Item] = []
+    for it in items:
+        if it.unique is None:
+            plain.append(it)
+        else:
+            queues.setdefault(it.unique.key, deque()).append(it)
+    holders: dict[bytes, Job[Any]] = {}
+    while True:
+        batch, lasts = plain, []
+        plain = []
+        for key, queue in queues.items():
+            if not queue or key in holders:
+                continue
+            while queue:
+                it = queue.popleft()
+                batch.append(it)
+                if _may_take(it) or (it.unique is not None and it.unique.options.replace):
+                    break
+            lasts.append(it)
+        if not batch:
+            return
+        if len(batch) > 1:  # non-unique rows first in input order, then unique rows in key order
+            batch.sort(key=lambda it: (it.unique is not None, it.unique.key if it.unique else b"", it.index))
+        await _insert_chunks(s, batch, chunk)
+        steps: dict[bytes, _Item] = {}
+        for it in lasts:
+            assert it.unique is not None
+            assert it.result is not None
+            key, result = it.unique.key, it.result
+            if result.conflicted:
+                holders[key] = result
+                if it.unique.options.replace:
+                    steps[key] = it
+            elif it.unique.mask & STATE_BITS[result.state.value]:
+                holders[key] = result
+        while True:
+            for key, holder in holders.items():
+                queue = queues[key]
+                while queue and key not in steps:
+                    it = queue.popleft()
+                    it.result = _twin(holder, key)
+                    if it.unique is not None and it.unique.options.replace:
+                        steps[key] = it
+            if not steps:
+                break
+            await _replace(s, steps, holders)
+            steps = {}
+
+
+def _deadlocked(exc: BaseException) -> bool:
+    """True for a deadlock the server broke by aborting us (raw, or mapped to DatabaseUnavailable)."""
+    return isinstance(exc, asyncpg.DeadlockDetectedError) or isinstance(
+        exc.__cause__, asyncpg.DeadlockDetectedError
+    )
+
+
+async def retry_deadlocks(run: Callable[[], Awaitable[T]], *, retries: int = DEADLOCK_RETRIES) -> T:
+    """``run()``, run again (up to ``retries`` times, after a short random pause) when it deadlocks.
+
+    Only for work that is a whole transaction of our own (a statement on a pooled connection, or a
+    transaction we opened): the server rolled it back entirely, so running it again is safe. Rows are
+    locked in one order everywhere, so a deadlock is rare; this is the last line of defence.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return await run()
+        except Exception as exc:
+            if attempt == retries or not _deadlocked(exc):
+                raise
+            log.info("deadlock (%s); running it again", exc, extra={"attempt": attempt + 1})
+            await asyncio.sleep(random.uniform(0.005, 0.02 * 2**attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def insert_jobs(
@@ -301,34 +435,26 @@ async def insert_jobs(
     items = [_prepare(i, job, max_args_bytes) for i, job in enumerate(jobs)]
     if not items:
         return []
-    first: dict[bytes, _Item] = {}
-    primary: list[_Item] = []
-    dupes: list[tuple[_Item, _Item]] = []
-    for it in items:
-        if it.unique is not None:
-            seen = first.get(it.unique.key)
-            if seen is not None:
-                dupes.append((it, seen))
-                continue
-            first[it.unique.key] = it
-        primary.append(it)
-    if dupes or len(primary) > 1:
-        # Non-unique rows first in input order, then unique rows in key order (no lock-order deadlocks).
-        primary.sort(key=lambda it: (it.unique is not None, it.unique.key if it.unique else b"", it.index))
-
-    if len(primary) == 1 or (conn is not None and len(primary) <= chunk_size):
+    firsts = sum(1 for it in items if it.unique is None) + len({it.unique.key for it in items if it.unique})
+    if firsts == 1 or (conn is not None and len(items) <= chunk_size):
+        # Without a transaction of our own, every statement is one (retried alone on a deadlock).
         async with driver.connection(conn) as c:
-            await _run(driver, c, primary, chunk_size)
+            await _execute(_Session(driver, c, retry=conn is None), items, chunk_size)
     else:
-        async with driver.transaction(conn) as c:
-            await _run(driver, c, primary, chunk_size)
+        before = [tuple(getattr(it.job, f) for f in _MARKED) for it in items]
 
-    for dup, original in dupes:
-        assert original.result is not None
-        twin = copy.copy(original.result)
-        twin.conflicted = True
-        twin.meta = dict(twin.meta)
-        dup.result = twin
+        async def run() -> None:
+            for it, fields in zip(items, before, strict=True):  # undo a rolled-back attempt's answers
+                it.result = None
+                for name, value in zip(_MARKED, fields, strict=True):
+                    setattr(it.job, name, value)
+            async with driver.transaction(conn) as c:
+                await _execute(_Session(driver, c, retry=False), items, chunk_size)
+
+        if conn is None:
+            await retry_deadlocks(run)
+        else:  # the caller's transaction is aborted: only the caller can run it again
+            await run()
     out: list[Job[Any]] = []
     for it in items:
         assert it.result is not None

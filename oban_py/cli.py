@@ -19,6 +19,13 @@ from .errors import ConfigError, ObanError
 __all__ = ["main"]
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line, with any password that reached its text masked."""
+    from ._secrets import mask_secrets
+
+    return mask_secrets(str(exc)).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c", "--config", metavar="PATH", help="TOML config file (default: ./oban.toml if present)"
@@ -158,10 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     except ConfigError as exc:
-        print(f"oban-py: configuration error: {exc}", file=sys.stderr)
+        print(f"oban-py: configuration error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except ObanError as exc:
-        print(f"oban-py: {exc}", file=sys.stderr)
+        print(f"oban-py: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from ._secrets import Dsn
 from .errors import ConfigError
 from .limits import RateLimit
 from .worker import validate_queue
@@ -30,11 +31,13 @@ else:  # pragma: no cover - exercised on 3.10
 __all__ = ["Config", "QueueConfig", "load_config", "parse_queues"]
 
 DEFAULT_FILE = "oban.toml"
-_PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: "$" would allow a trailing newline
 
 
 def _pattern(value: str, field: str) -> str:
     """A queue name, or a prefix pattern ending in ``*``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: a queue name must be a string, not {type(value).__name__}")
     name = value[:-1] if value.endswith("*") else value
     if value == "*":
         return value
@@ -89,7 +92,8 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dsn: str | None = None
+    #: A ``str`` whose repr (and JSON dump) masks the password; checked when the config is built.
+    dsn: Dsn | None = None
     prefix: str = "public"
     node: str | None = None
     queues: dict[str, QueueConfig] = Field(default_factory=dict)
@@ -116,7 +120,7 @@ class Config(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        if not _PREFIX_RE.match(value):
+        if _PREFIX_RE.fullmatch(value) is None:
             raise ValueError(
                 "must be a plain PostgreSQL identifier (letters, digits, _; at most 63 characters)"
             )
@@ -127,6 +131,8 @@ class Config(BaseModel):
     def _node(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or len(value) > 255):
             raise ValueError("must be a non-empty name of at most 255 characters")
+        if value is not None and not value.isprintable():
+            raise ValueError("must not contain control characters (NUL, newline...) or surrogates")
         return value
 
     @field_validator("queues", mode="before")
@@ -138,7 +144,10 @@ class Config(BaseModel):
             raise ValueError("must be a table of queue = limit (or queue = {limit = n, ...})")
         out: dict[str, Any] = {}
         for name, spec in value.items():
-            _pattern(name, f"queues.{name}")
+            _pattern(
+                name,
+                f"queues.{name}" if isinstance(name, str) and name.isprintable() else f"queues[{name!r}]",
+            )
             if isinstance(spec, bool):
                 raise ValueError(f"queue {name!r}: give a limit (integer) or a table")
             spec = {"limit": spec} if isinstance(spec, int) else spec

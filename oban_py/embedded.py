@@ -98,6 +98,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeAlias
 from urllib.parse import quote
 
+from oban_py._secrets import masked_dsn
 from oban_py.errors import EmbeddedUnavailable, ValidationError
 
 if sys.platform != "win32":
@@ -128,38 +129,6 @@ _SAFE_PATH = re.compile(r"[\w./-]+")
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 # The longest socket file name postgres creates in the data directory: ".s.PGSQL.65535".
 _SOCKET_NAME_MAX = len("/.s.PGSQL.65535")
-
-
-# --------------------------------------------------------------------------------------------------------
-# DSN masking
-# --------------------------------------------------------------------------------------------------------
-
-_URL_PREFIX = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://")
-_QUERY_PASSWORD = re.compile(r"([?&;](?:ssl)?password=)[^&#]*", re.IGNORECASE)
-_KV_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*(?:'|$)|[^\s']\S*)", re.IGNORECASE)
-
-
-def masked_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***``, for logs and error messages.
-
-    Handles URLs (``scheme://user:pw@host/db``, including unencoded ``@``, ``/`` or ``?`` in the password,
-    where it masks more rather than less), ``password=``/``sslpassword=`` query parameters and libpq
-    ``key=value`` strings with quoted values.
-    """
-    match = _URL_PREFIX.match(dsn)
-    if match is None:
-        return _KV_PASSWORD.sub(r"\1***", dsn)
-    head, rest = dsn[: match.end()], dsn[match.end() :]
-    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, netloc_end)
-    if at < 0:
-        # No userinfo in the authority as urllib sees it; an "@" further on means a password holding "/", "?"
-        # or "#" unencoded, which libpq and urllib read differently: mask up to the last "@".
-        at = rest.rfind("@")
-    colon = rest.find(":")
-    if 0 <= colon < at:
-        rest = rest[: colon + 1] + "***" + rest[at:]
-    return head + _QUERY_PASSWORD.sub(r"\1***", rest)
 
 
 # --------------------------------------------------------------------------------------------------------

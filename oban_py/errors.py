@@ -8,7 +8,10 @@ and they are raised before anything is written. Database trouble that a caller c
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+from ._secrets import mask_secrets, mask_value
 
 __all__ = [
     "ConfigError",
@@ -26,8 +29,35 @@ __all__ = [
 ]
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+class _BoundedRepr(reprlib.Repr):
+    """A repr that stays small and safe for hostile values: cyclic or deeply nested containers, huge
+    strings, ints too long for ``str()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 4
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 8
+        self.maxstring = self.maxother = 100
+        self.maxlong = 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:  # also beyond what str() may convert (sys.get_int_max_str_digits)
+            return f"<int of about {int(x.bit_length() * 0.30103) + 1} digits>"
+        return super().repr_int(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x) if len(x) <= self.maxstring else repr(x[: self.maxstring - 3]) + "..."
+
+
+_REPR = _BoundedRepr()
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters; safe for any value (never raises, never huge)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__ must not hide the error being reported
+        text = f"<{type(value).__name__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -48,7 +78,7 @@ class ValidationError(ObanError, ValueError):
         self.reason = reason
         self.worker = worker
         where = f" (worker {worker})" if worker else ""
-        super().__init__(f"{field}={_short(value)}{where}: {reason}")
+        super().__init__(f"{field}={short_repr(value)}{where}: {reason}")
 
 
 class UniqueOptionsError(ValidationError):
@@ -62,20 +92,22 @@ class LimitOptionsError(ValidationError):
 class ConfigError(ObanError):
     """Configuration that cannot be used: malformed TOML, unknown keys, bad values.
 
-    Names the key, the value and the file (or ``"env"``/``"arguments"``) it came from.
+    Names the key, the value and the file (or ``"env"``/``"arguments"``) it came from. Passwords of
+    DSN-looking values (``scheme://user:pass@...``, ``password=...``) are masked, in ``value`` as in the
+    message, wherever in the value they sit and whatever the key.
     """
 
     def __init__(self, message: str, *, key: str | None = None, value: Any = None, source: str | None = None):
         self.key = key
-        self.value = value
+        self.value = mask_value(value)
         self.source = source
         parts = []
         if source:
             parts.append(source)
         if key:
-            parts.append(f"{key}={_short(value)}" if value is not None else key)
+            parts.append(f"{key}={short_repr(self.value)}" if value is not None else key)
         prefix = ": ".join(parts)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
+        super().__init__(mask_secrets(f"{prefix}: {message}" if prefix else message))
 
 
 class UnknownWorker(ObanError):

@@ -26,17 +26,17 @@ from typing import Any, ClassVar
 import asyncpg
 
 from . import _insert
+from ._secrets import masked_dsn
 from .config import Config, build_config, env_settings, load_config
 from .db.connect import create_pool
 from .db.driver import Driver
 from .db.lease import Leases
 from .db.migrate import current_version, latest_version, migrate, rollback
 from .db.rows import job_from_record
-from .embedded import masked_dsn
 from .errors import JobNotFound, LimitOptionsError, MigrationError, ObanError, UniqueConflict
 from .job import Job
 from .overview import Overview, overview
-from .runtime.executor import execute
+from .runtime.executor import Execution, execute
 from .runtime.node import Node
 from .worker import spec_for, validate_queue
 
@@ -90,6 +90,7 @@ class Oban:
         self.node: Node | None = None
         self._started = False
         self._lock = asyncio.Lock()
+        self._stuck: list[int] = []
 
     # -- construction helpers ---------------------------------------------------------------------
 
@@ -136,11 +137,10 @@ class Oban:
             embedded = False
             if self.pool is None:
                 dsn, embedded = await asyncio.to_thread(resolve_dsn, self.config)
-                extra = 1 if (self.config.queues and self.config.notifier == "listen") else 0
                 self.pool = await create_pool(
                     dsn,
                     min_size=1,
-                    max_size=self.config.pool_size + extra,
+                    max_size=self.config.pool_size,
                     application_name=f"oban_py:{self.config.node or os.getpid()}",
                 )
                 log.debug("connected to %s", masked_dsn(dsn))
@@ -163,6 +163,12 @@ class Oban:
             Oban._instances.setdefault(self.name, []).append(self)
             return self
 
+    @property
+    def stuck_jobs(self) -> list[int]:
+        """Ids of jobs whose bodies did not end when the last stop() interrupted them (see
+        docs/guarantees.md): they stay claimed by this process, heartbeating, until they end."""
+        return list(self._stuck)
+
     async def stop(self, *, shutdown_timeout: float | None = None) -> None:
         """Drain queues gracefully (up to ``shutdown_timeout``), then close the pool. Idempotent."""
         async with self._lock:
@@ -175,20 +181,29 @@ class Oban:
                 Oban._instances.pop(self.name, None)
             if self.node is not None:
                 await self.node.stop(shutdown_timeout)
+                self._stuck = [e.job.id for e in self.node.stuck if e.job.id is not None]
                 self.node = None
             self._started = False
             await self._close_pool()
 
     async def _close_pool(self) -> None:
+        """Return and close connections, within 2 s: a database that cannot be reached (a black hole)
+        must not hold shutdown up; what is left is terminated."""
+        try:
+            await asyncio.wait_for(self._close_connections(), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            log.debug("connections could not be closed cleanly", exc_info=True)
+            if self.pool is not None and self._external_pool is None:
+                self.pool.terminate()
+        if self._external_pool is None:
+            self.pool = None
+        self._driver = None
+
+    async def _close_connections(self) -> None:
         if self._driver is not None:
             await self._driver.leases.close()
         if self.pool is not None and self._external_pool is None:
-            try:
-                await asyncio.wait_for(self.pool.close(), 10.0)
-            except (asyncio.TimeoutError, Exception):
-                self.pool.terminate()
-            self.pool = None
-        self._driver = None
+            await self.pool.close()
 
     async def _check_schema(self) -> None:
         async with self.driver.connection() as conn:
@@ -270,7 +285,8 @@ class Oban:
 
     async def cancel_jobs(self, job_ids: Iterable[int], *, reason: str | None = None) -> int:
         ids = [int(i) for i in job_ids]
-        rows = await self.driver.fetch("job_cancel", ids=ids, reason=reason)
+        # One statement, a whole transaction of its own: safe to run again if it deadlocks.
+        rows = await _insert.retry_deadlocks(lambda: self.driver.fetch("job_cancel", ids=ids, reason=reason))
         await self._after_control(rows, "cancelled")
         return len(rows)
 
@@ -302,25 +318,48 @@ class Oban:
         return await self.retry_jobs([job_id]) == 1
 
     async def retry_jobs(self, job_ids: Iterable[int]) -> int:
-        """Retry several jobs, all or nothing: a unique conflict on any of them raises and retries none."""
+        """Retry several jobs, all or nothing: a unique conflict on any of them raises and retries none.
+
+        A retry is an insert of the job again: it takes its unique key (even one it gave up: lost to
+        another job, released when it started, or past its period, then with a fresh period), and a
+        job that would not take it (the ``scheduled`` group) still conflicts with a live holder.
+        """
         ids = [int(i) for i in job_ids]
-        try:
+
+        async def run() -> list[Any]:
             async with self.driver.transaction() as conn:
                 rows = await self.driver.fetch("job_retry", conn, ids=ids)
+                blocked = [r for r in rows if r["holder"] is not None]
+                if blocked:  # a duplicate of a live holder, without taking the key: retry none
+                    raise _Rollback(blocked[0])
                 for queue in {r["queue"] for r in rows}:
                     await self.driver.notify(self.driver.insert_channel, queue, conn)
+            return rows
+
+        try:
+            rows = await _insert.retry_deadlocks(run)
         except asyncpg.UniqueViolationError:
             raise await self._retry_conflict(ids) from None
+        except _Rollback as found:
+            raise await self._retry_conflict(ids, blocked=found.args[0]) from None
         return len(rows)
 
-    async def _retry_conflict(self, ids: list[int]) -> UniqueConflict:
-        """Which job of a failed retry_jobs collides, and with whom (a rare path: one try per prefix)."""
+    async def _retry_conflict(self, ids: list[int], *, blocked: Any = None) -> UniqueConflict:
+        """Which job of a failed retry_jobs collides, and with whom (a rare path: one try per prefix).
+
+        ``blocked``: a job_retry row whose job does not take its key and met a live holder.
+        """
+        if blocked is not None:
+            found = await self.driver.fetch("job_get", ids=[blocked["holder"]])
+            return UniqueConflict(blocked["id"], blocked["holder"], found[0]["state"] if found else None)
         for k in range(1, len(ids) + 1):
             try:
                 async with self.driver.transaction() as conn:
-                    await self.driver.fetch("job_retry", conn, ids=ids[:k])
-                    raise _Rollback
-            except _Rollback:
+                    rows = await self.driver.fetch("job_retry", conn, ids=ids[:k])
+                    raise _Rollback(next((r for r in rows if r["holder"] is not None), None))
+            except _Rollback as tried:
+                if tried.args[0] is not None:
+                    return await self._retry_conflict(ids, blocked=tried.args[0])
                 continue
             except asyncpg.UniqueViolationError:
                 # ids[k-1] collides, with an existing holder or with one of ids[:k-1] retried before it.
@@ -411,10 +450,9 @@ class Oban:
         """
         validate_queue(queue)
         driver = self.driver
-        if self.node is not None:
-            return await self._drain(queue, self.node.instance, with_scheduled, limit)
-        # Without a running node, the drain registers as a short-lived node of its own: a cluster's
-        # rescuer treats jobs claimed by an unregistered instance as orphans and would run them twice.
+        # The drain registers as a short-lived node of its own: a cluster's rescuer treats jobs claimed
+        # by an unregistered instance as orphans and would run them twice, and a running node's
+        # reconciler puts back claims of its own instance that none of its producers holds.
         instance = str(uuid.uuid4())
         name = f"drain:{self.config.node or os.getpid()}"
         meta = json.dumps({"drain": queue})
@@ -451,7 +489,9 @@ class Oban:
                 if row["kind"] == "skipped":
                     counts["cancelled"] = counts.get("cancelled", 0) + 1
                     continue
-                ack = await execute(job_from_record(row), row["attempted_at"])
+                ack = await execute(Execution(job_from_record(row), row["attempted_at"]))
+                if ack is None:
+                    continue
                 async with driver.connection() as conn:
                     parked = await write_acks(driver, conn, [ack])
                 if parked:

@@ -75,7 +75,27 @@ async def run(config: Config, *, ready: Any = None) -> int:
             ready()
         await stop.wait()
     finally:
-        await oban.stop()
+        try:
+            # Every step of stop() is bounded; this is the backstop that keeps a runner from hanging
+            # past what an orchestrator allows (it would SIGKILL it anyway).
+            await asyncio.wait_for(oban.stop(), config.shutdown_timeout + 15.0)
+        except asyncio.TimeoutError:
+            log.error("shutdown did not finish in %ss; exiting", config.shutdown_timeout + 15.0)
+            logging.shutdown()
+            os._exit(1)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.remove_signal_handler(sig)
+        if oban.stuck_jobs:
+            # Bodies that ignore their interrupt cannot be stopped from inside the process (a thread, or
+            # a task that swallows CancelledError) and would keep the interpreter from exiting. End the
+            # process: the jobs stay claimed by this node and are rescued rescue_after from now.
+            log.error(
+                "exiting with job(s) %s still running; they are rescued %ss after this process exits",
+                ", ".join(map(str, oban.stuck_jobs)),
+                config.rescue_after,
+            )
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     return 0

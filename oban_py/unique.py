@@ -13,7 +13,9 @@ Options (``@worker(unique=...)`` or per insert):
 * ``fields``: subset of ``args``, ``queue``, ``worker``, ``meta``.
 * ``keys``: only these args/meta keys count; dotted paths reach nested values (``"user.id"``). Every
   path must exist in at least one of the chosen maps (a missing path is an error, not ``null``).
-* ``group``: ``all``, ``incomplete``, ``scheduled``, ``successful`` or an explicit list of states.
+* ``group``: ``all``, ``incomplete``, ``scheduled``, ``successful`` or an explicit list of states: the
+  states checked for duplicates. A job inserted in a state outside its group (an immediate job of the
+  ``scheduled`` group) holds nothing, but is still a duplicate of a job that holds the key.
 * ``until``: ``"success"`` releases the key when the job completes; ``"start"`` releases it for good
   when the job starts (Sidekiq's ``unique_until``).
 * ``key``: a callable ``(job) -> JSON value`` that replaces the fields (or define ``unique_key`` on the
@@ -36,7 +38,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from . import _json
 from ._paths import MISSING, lookup, worker_hook
-from .errors import UniqueOptionsError
+from .errors import UniqueOptionsError, short_repr
 from .job import Job, JobState
 
 __all__ = ["GROUPS", "UniqueOptions", "UniqueSpec", "resolve_unique"]
@@ -52,6 +54,9 @@ STATE_BITS: dict[str, int] = {
 }
 PARKED = 128
 UNTIL_START = 256
+#: Longest unique period in seconds (about 100 years): beyond it, ``scheduled_at + period`` overflows
+#: PostgreSQL's interval and timestamp types. ``None`` means no expiry.
+MAX_PERIOD = 36_525 * 86_400.0
 
 GROUPS: dict[str, frozenset[str]] = {
     "all": frozenset(STATE_BITS),
@@ -64,6 +69,20 @@ _BEFORE_START = frozenset({"scheduled", "available"})
 
 Field = Literal["args", "queue", "worker", "meta"]
 ReplaceField = Literal["args", "meta", "priority", "queue", "scheduled_at", "tags", "max_attempts"]
+
+
+def _as_tuple(value: Any, what: str) -> tuple[Any, ...]:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(value)
+    raise ValueError(f"must be {what}, not {short_repr(value)}")
+
+
+def _state_name(state: Any) -> str:
+    if isinstance(state, JobState):
+        return state.value
+    if not isinstance(state, str):
+        raise ValueError(f"states are strings or JobState members, not {short_repr(state)}")
+    return state
 
 
 class UniqueOptions(BaseModel):
@@ -88,18 +107,25 @@ class UniqueOptions(BaseModel):
             value = value.total_seconds()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be seconds (int, float or timedelta) or None")
-        if not math.isfinite(value) or value <= 0:
+        if value > MAX_PERIOD or (isinstance(value, float) and math.isnan(value)):
+            raise ValueError(
+                f"must be at most {MAX_PERIOD:.0f} seconds (about 100 years; use None for no expiry)"
+            )
+        if value <= 0:
             raise ValueError("must be greater than 0 (use None for no period)")
-        return value
+        return float(value)
 
     @field_validator("fields", mode="before")
     @classmethod
     def _fields(cls, value: Any) -> Any:
         if isinstance(value, str):
             raise ValueError("must be a list of field names, not a string")
-        value = tuple(value)
+        value = _as_tuple(value, "a list of field names")
         if not value:
             raise ValueError("must name at least one of args, queue, worker, meta")
+        for name in value:
+            if not isinstance(name, str):
+                raise ValueError(f"field names are strings, not {short_repr(name)}")
         if len(set(value)) != len(value):
             raise ValueError("lists a field twice")
         return value
@@ -111,10 +137,10 @@ class UniqueOptions(BaseModel):
             return None
         if isinstance(value, str):
             raise ValueError("must be a list of key paths, not a string")
-        value = tuple(value)
+        value = _as_tuple(value, "a list of key paths")
         for path in value:
             if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
-                raise ValueError(f"invalid key path {path!r}")
+                raise ValueError(f"invalid key path {short_repr(path)}")
         return value
 
     @field_validator("group", mode="before")
@@ -126,7 +152,7 @@ class UniqueOptions(BaseModel):
             if value not in GROUPS:
                 raise ValueError(f"unknown group {value!r}; use one of {sorted(GROUPS)} or a list of states")
             return value
-        states = tuple(str(s.value if isinstance(s, JobState) else s) for s in value)
+        states = tuple(_state_name(s) for s in _as_tuple(value, "a group name or a list of states"))
         unknown = [s for s in states if s not in STATE_BITS]
         if unknown:
             raise ValueError(f"unknown state(s) {unknown}; states are {list(STATE_BITS)}")
@@ -145,12 +171,12 @@ class UniqueOptions(BaseModel):
             )
         out: dict[str, Any] = {}
         for state, fields in value.items():
-            name = str(state.value if isinstance(state, JobState) else state)
+            name = _state_name(state)
             if name not in STATE_BITS:
                 raise ValueError(f"unknown state {name!r}")
             if isinstance(fields, str):
                 raise ValueError(f"fields for {name!r} must be a list")
-            out[name] = tuple(fields)
+            out[name] = _as_tuple(fields, f"a list of fields for {name!r}")
         return out
 
     @model_validator(mode="after")
@@ -203,7 +229,10 @@ class UniqueOptions(BaseModel):
                 "unique", value, "must be True, False or a dict of options", worker=worker
             )
         # Inserts often pass the same literal dict: validate it once per (dict text, worker options).
-        cache_key = repr(value)
+        try:
+            cache_key = repr(value)
+        except (ValueError, RecursionError):  # an int too long for str(), a value nested too deep
+            return cls._parse_dict(value, base=base, worker=worker)
         cached = _PARSED.get(cache_key)
         if cached is not None and cached[0] is base:
             return cached[1]

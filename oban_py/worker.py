@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, ParamSpec, TypeVar, ov
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
+from . import _json
 from .errors import InstanceNotFound, UnknownWorker, ValidationError
 from .job import Job
 from .limits import LimitOptions
@@ -35,9 +36,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 W = TypeVar("W", bound=type)
 
-QUEUE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]*$")
+# Used with fullmatch: a "$" anchor would also match before a trailing newline.
+QUEUE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]*")
 MAX_QUEUE_LEN = 128
+MAX_NAME_LEN = 255
 MAX_ATTEMPTS_LIMIT = 10_000
+#: How far from now ``scheduled_at`` (and ``schedule_in``) may lie: about 100 years.
+MAX_SCHEDULE = timedelta(days=36_525)
 _INSERT_OVERRIDES = frozenset(
     {"queue", "priority", "max_attempts", "tags", "meta", "scheduled_at", "schedule_in", "unique"}
 )
@@ -52,13 +57,25 @@ def validate_queue(value: Any, field: str = "queue", worker: str | None = None) 
         raise ValidationError(field, value, "must not be empty", worker=worker)
     if len(value) > MAX_QUEUE_LEN:
         raise ValidationError(field, value, f"must be at most {MAX_QUEUE_LEN} characters", worker=worker)
-    if not QUEUE_RE.match(value):
+    if QUEUE_RE.fullmatch(value) is None:
         raise ValidationError(
             field,
             value,
             "may contain letters, digits and _ . : / - (and not start with . : / -)",
             worker=worker,
         )
+    return value
+
+
+def validate_worker_name(value: Any, field: str = "worker") -> str:
+    """A stored worker name: a non-empty string PostgreSQL can store (no NUL, no surrogates)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
+        raise ValidationError(
+            field, value, f"must be a non-empty string of at most {MAX_NAME_LEN} characters"
+        )
+    problem = _json.text_problem(value)
+    if problem is not None:
+        raise ValidationError(field, value, problem)
     return value
 
 
@@ -70,15 +87,22 @@ def _validate_int(value: Any, field: str, low: int, high: int, worker: str | Non
     return value
 
 
-def _validate_tags(value: Any, worker: str | None) -> list[str]:
+def validate_tags(value: Any, worker: str | None = None) -> list[str]:
+    """Tags as stored: a list of non-empty strings (stripped, deduplicated, in order)."""
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ValidationError("tags", value, "must be a list of strings", worker=worker)
     seen: dict[str, None] = {}
-    for tag in value:
-        if not isinstance(tag, str) or not tag.strip() or len(tag) > 255:
+    for i, tag in enumerate(value):
+        if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_NAME_LEN:
             raise ValidationError(
-                "tags", tag, "each tag must be a non-empty string of at most 255 characters", worker=worker
+                "tags",
+                tag,
+                f"each tag must be a non-empty string of at most {MAX_NAME_LEN} characters",
+                worker=worker,
             )
+        problem = _json.text_problem(tag)
+        if problem is not None:
+            raise ValidationError(f"tags[{i}]", tag, problem, worker=worker)
         seen.setdefault(tag.strip(), None)
     return list(seen)
 
@@ -93,20 +117,42 @@ def _validate_timeout(value: Any, worker: str | None) -> float | None:
     return float(value)
 
 
-def _validate_scheduled_at(value: Any, worker: str | None) -> datetime:
+def validate_scheduled_at(value: Any, worker: str | None = None) -> datetime:
+    """A timezone-aware datetime within :data:`MAX_SCHEDULE` of now (past or future)."""
     if not isinstance(value, datetime):
         raise ValidationError("scheduled_at", value, "must be a datetime", worker=worker)
-    if value.tzinfo is None or value.utcoffset() is None:
+    try:
+        aware = value.tzinfo is not None and value.utcoffset() is not None
+        distance = abs(value - datetime.now(timezone.utc)) if aware else timedelta(0)
+    except (ArithmeticError, ValueError, TypeError) as exc:  # a tzinfo whose utcoffset() fails
+        raise ValidationError(
+            "scheduled_at", value, f"has an unusable timezone: {exc}", worker=worker
+        ) from None
+    if not aware:
         raise ValidationError(
             "scheduled_at", value, "must be timezone-aware (e.g. datetime.now(timezone.utc))", worker=worker
+        )
+    if distance > MAX_SCHEDULE:
+        raise ValidationError(
+            "scheduled_at", value, f"must be within {MAX_SCHEDULE.days // 365} years of now", worker=worker
         )
     return value
 
 
 def _schedule_in(value: Any, worker: str | None) -> datetime:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise ValidationError("schedule_in", value, "must be seconds >= 0 or a timedelta", worker=worker)
+    limit = MAX_SCHEDULE.total_seconds()
+    if seconds < 0:
+        raise ValidationError("schedule_in", value, "must be seconds >= 0 or a timedelta", worker=worker)
+    if not seconds <= limit:  # also true for NaN
+        raise ValidationError(
+            "schedule_in",
+            value,
+            f"must be a finite number of seconds, at most {limit:.0f} (about 100 years)",
+            worker=worker,
+        )
     return datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
@@ -145,7 +191,7 @@ class WorkerSpec:
         max_attempts = _validate_int(
             overrides.get("max_attempts", self.max_attempts), "max_attempts", 1, MAX_ATTEMPTS_LIMIT, self.name
         )
-        tags = _validate_tags(overrides["tags"], self.name) if "tags" in overrides else list(self.tags)
+        tags = validate_tags(overrides["tags"], self.name) if "tags" in overrides else list(self.tags)
         meta = overrides.get("meta")
         if meta is None:
             meta = dict(self.meta)
@@ -162,7 +208,7 @@ class WorkerSpec:
                 worker=self.name,
             )
         if overrides.get("scheduled_at") is not None:
-            scheduled_at = _validate_scheduled_at(overrides["scheduled_at"], self.name)
+            scheduled_at = validate_scheduled_at(overrides["scheduled_at"], self.name)
         elif overrides.get("schedule_in") is not None:
             scheduled_at = _schedule_in(overrides["schedule_in"], self.name)
         unique = self.unique
@@ -232,10 +278,11 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
     queue = validate_queue(opts.get("queue", "default"), worker=name)
     max_attempts = _validate_int(opts.get("max_attempts", 20), "max_attempts", 1, MAX_ATTEMPTS_LIMIT, name)
     priority = _validate_int(opts.get("priority", 0), "priority", 0, 9, name)
-    tags = tuple(_validate_tags(opts.get("tags") or [], name))
+    tags = tuple(validate_tags(opts.get("tags") or [], name))
     meta = opts.get("meta") or {}
     if not isinstance(meta, Mapping):
         raise ValidationError("meta", meta, "must be a dict", worker=name)
+    _json.encode(meta, "meta", worker=name)  # what inserts would refuse, refused at definition time
     args_model = opts.get("args")
     if args_model is not None and not (isinstance(args_model, type) and issubclass(args_model, BaseModel)):
         raise ValidationError("args", args_model, "must be a pydantic BaseModel subclass", worker=name)
@@ -356,9 +403,7 @@ def worker(cls: Any = None, /, **options: Any) -> Any:
     """
 
     def decorate(klass: W) -> W:
-        name = options.get("name") or f"{klass.__module__}.{klass.__qualname__}"
-        if not isinstance(name, str) or not name or len(name) > 255:
-            raise ValidationError("name", name, "must be a non-empty string of at most 255 characters")
+        name = validate_worker_name(options.get("name") or f"{klass.__module__}.{klass.__qualname__}", "name")
         _check_options(options, name)
         process = getattr(klass, "process", None)
         if process is None or not callable(process):
@@ -462,7 +507,7 @@ def job(fn: Any = None, /, **options: Any) -> Any:
     """Register a function as a worker; same options as :func:`worker` (except ``args``)."""
 
     def decorate(func: Callable[P, R]) -> FunctionJob[P, R]:
-        name = options.get("name") or f"{func.__module__}.{func.__qualname__}"
+        name = validate_worker_name(options.get("name") or f"{func.__module__}.{func.__qualname__}", "name")
         _check_options(options, name)
         if "args" in options:
             raise ValidationError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -165,3 +166,77 @@ async def test_a_callers_pool_is_used_but_never_held(pool: asyncpg.Pool, prefix:
         assert all(j.id is not None for j in jobs)
     assert not pool.is_closing()  # the caller's pool outlives the Oban instance
     assert await pool.fetchval("SELECT count(*) FROM " + prefix + ".oban_jobs WHERE state = 'completed'") == 3
+
+
+async def test_a_session_ending_server_error_is_not_kept_for_reuse(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 1)
+    used: list[Any] = []
+
+    async def failing(error: str | BaseException) -> None:
+        async with leases.use() as conn:
+            used.append(conn)
+            if isinstance(error, BaseException):
+                raise error
+            await conn.fetchval(error)
+
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await failing("SELECT 1 / 0")
+    assert [c for c, _ in leases._idle] == used  # an ordinary SQL error: reused as is
+    # pg_terminate_backend's FATAL can reach a query before asyncpg sees the socket close; the
+    # connection must go back to the pool, not to the next caller.
+    with pytest.raises(asyncpg.exceptions.AdminShutdownError):
+        await failing(
+            asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command")
+        )
+    assert used[1] is used[0] and not leases._idle
+    async with leases.use() as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+    await leases.close()
+    assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_an_idle_connection_whose_backend_died_is_not_handed_out(pool: asyncpg.Pool) -> None:
+    leases = Leases(pool, 2, idle_return=30)
+    conn = await leases.acquire()
+    pid = await _backends(conn)
+    await leases.release(conn)
+    assert [c for c, _ in leases._idle] == [conn]
+    async with pool.acquire() as killer:
+        await killer.execute("SELECT pg_terminate_backend($1)", pid)
+    # asyncpg notices the closed socket and takes the slot back, detaching the proxy we keep.
+    for _ in range(200):
+        if conn._con is None:
+            break
+        await asyncio.sleep(0.01)
+    assert conn._con is None
+    fresh = await leases.acquire()  # before the fix: the detached proxy ("released back to the pool")
+    assert await fresh.fetchval("SELECT 1") == 1 and await _backends(fresh) != pid
+    await leases.release(fresh)
+    await leases.close()
+    assert leases._out == 0
+    assert pool.get_idle_size() == pool.get_size()
+
+
+async def test_a_timed_out_query_never_goes_back_to_the_idle_list(pool: asyncpg.Pool, prefix: str) -> None:
+    driver = Driver(pool, prefix, leases=Leases(pool, 1, idle_return=30))
+    seen: list[Any] = []
+
+    async def slow() -> None:
+        async with driver.connection() as conn:
+            seen.append(conn)
+            await conn.execute("SELECT pg_sleep(5)")
+
+    async def swallowed() -> None:  # the body catches its own timeout and exits normally
+        async with driver.connection() as conn:
+            seen.append(conn)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(conn.execute("SELECT pg_sleep(5)"), 0.1)
+
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(slow(), 0.1)
+    assert all(c is not seen[0] for c, _ in driver.leases._idle)  # still cancelling: never reused as is
+    assert await asyncio.wait_for(driver.fetch("node_list"), 2.0) == []
+    await swallowed()
+    assert all(c is not seen[1] for c, _ in driver.leases._idle)
+    assert await asyncio.wait_for(driver.fetch("node_list"), 2.0) == []
+    await driver.leases.close()

@@ -96,7 +96,7 @@ HOT_PATH = {
     "job_stage": {"channel": "c", "limit": 100},
     "job_prune": {"max_age": 3600.0, "limit": 100},
     "job_unique_sweep": {"limit": 100},
-    "job_rescue": {"instance": str(uuid.uuid4()), "rescue_after": 30.0, "limit": 100},
+    "job_rescue": {"instance": str(uuid.uuid4()), "rescue_after": 30.0, "limit": 100, "channel": "c"},
     "job_parked": {"limit": 100},
 }
 

@@ -15,13 +15,19 @@ from typing import Any
 import asyncpg
 
 from ..errors import DatabaseUnavailable
-from .connect import is_transient, unavailable
+from .connect import connect_like, is_transient, quiet_pool_log, unavailable
 from .lease import Leases
 from .sql import Queries
 
 __all__ = ["Driver"]
 
 log = logging.getLogger("oban_py.db")
+
+
+def _raise_mapped(exc: Exception, where: str = "") -> None:
+    """Raise ``exc`` as DatabaseUnavailable if it means the connection or server was lost."""
+    if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
+        raise unavailable(exc, where) from exc
 
 
 class Driver:
@@ -36,6 +42,7 @@ class Driver:
         self.queries = Queries(prefix)
         self.insert_channel = f"{prefix}.oban_insert"
         self.signal_channel = f"{prefix}.oban_signal"
+        quiet_pool_log()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -49,8 +56,7 @@ class Driver:
             async with self.leases.use() as leased:
                 yield leased
         except Exception as exc:
-            if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
-                raise unavailable(exc) from exc
+            _raise_mapped(exc)
             raise
 
     @contextlib.asynccontextmanager
@@ -61,8 +67,7 @@ class Driver:
                 async with c.transaction():
                     yield c
             except Exception as exc:
-                if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
-                    raise unavailable(exc) from exc
+                _raise_mapped(exc)
                 raise
 
     async def _call(self, method: str, name: str, conn: Any, params: dict[str, Any]) -> Any:
@@ -74,8 +79,7 @@ class Driver:
             async with self.leases.use() as leased:
                 return await getattr(leased, method)(query.text, *args)
         except Exception as exc:
-            if is_transient(exc) and not isinstance(exc, DatabaseUnavailable):
-                raise unavailable(exc, name) from exc
+            _raise_mapped(exc, name)
             raise
 
     async def fetch(self, query: str, conn: Any = None, /, **params: Any) -> list[asyncpg.Record]:
@@ -96,6 +100,23 @@ class Driver:
     async def notify(self, channel: str, payload: str, conn: Any = None) -> None:
         await self.execute("notify", conn, channel=channel, payload=payload)
 
+    async def connect_dedicated(self) -> asyncpg.Connection:
+        """A new connection outside the pool, made with the pool's connect arguments.
+
+        For long-lived engine connections (LISTEN, heartbeats) whose loss must never touch the pool
+        queries run on. Same DSN, settings and ``application_name``; the caller closes it. Failures are
+        raised as :class:`DatabaseUnavailable` when they mean the server is unreachable.
+        """
+        try:
+            return await connect_like(self.pool)
+        except Exception as exc:
+            _raise_mapped(exc, "connect")
+            raise
+
+    async def connect_listener(self) -> asyncpg.Connection:
+        """The notifier's LISTEN connection: a :meth:`connect_dedicated` connection."""
+        return await self.connect_dedicated()
+
     # -- unique keys ------------------------------------------------------------------------------
 
     async def transition(self, query: str, conn: Any = None, /, **params: Any) -> list[asyncpg.Record]:
@@ -104,15 +125,25 @@ class Driver:
         Rows returned with ``parked`` (they re-entered their unique group) take their key back, or lose
         it to the holder, inside the same transaction: no producer can fetch them before that is
         settled. Used for staging, rescue and jobs returned to the queue.
+
+        When the transaction is ours (no connection given, or one outside a transaction), a deadlock
+        runs it again, a bounded number of times: it was rolled back entirely.
         """
-        async with self.transaction(conn) as c:
-            rows = await self.fetch(query, c, **params)
-            parked = [r["id"] for r in rows if r["parked"]]
-            if parked:
-                for job_id in parked:
-                    await self._unpark_one(c, job_id, 200)
-                await c.execute("SET LOCAL lock_timeout TO DEFAULT")
-            return rows
+        from .._insert import retry_deadlocks  # the insert path owns the retry rule; imported late
+
+        async def run() -> list[asyncpg.Record]:
+            async with self.transaction(conn) as c:
+                rows = await self.fetch(query, c, **params)
+                parked = [r["id"] for r in rows if r["parked"]]
+                if parked:
+                    for job_id in parked:
+                        await self._unpark_one(c, job_id, 200)
+                    await c.execute("SET LOCAL lock_timeout TO DEFAULT")
+                return rows
+
+        if conn is None or not conn.is_in_transaction():
+            return await retry_deadlocks(run)
+        return await run()
 
     async def unpark(self, ids: Iterable[int], *, lock_timeout_ms: int = 200) -> dict[int, str]:
         """Give parked rows their unique key back, one short transaction each.

@@ -7,6 +7,13 @@ going to the asyncpg pool only to grow, to return a broken or dirty connection, 
 connections that sat unused for ``idle_return`` seconds (so code using ``oban.pool`` directly is never
 starved for long). At most ``size`` connections are out of the pool at once; callers beyond that wait,
 and released connections go to them first come, first served.
+
+A connection is kept for reuse only if its last use ended cleanly or in an ordinary SQL error. One whose
+use was cancelled or timed out (the protocol may still be mid-operation), hit an interface or protocol
+error, or got a session-ending server error (``pg_terminate_backend``, shutdown: asyncpg may not have
+seen the socket close yet) goes back to the pool, which waits out a pending cancel and resets or
+replaces it. An idle connection that died meanwhile (asyncpg hands its slot back to the pool when the
+socket closes) is dropped when it is next picked, never handed out.
 """
 
 from __future__ import annotations
@@ -19,7 +26,12 @@ from typing import Any
 
 import asyncpg
 
+from .connect import connection_broken, pool_recovered
+
 __all__ = ["Leases"]
+
+# A connection the pool cannot reset within this long is closed instead.
+RELEASE_TIMEOUT = 5.0
 
 
 class Leases:
@@ -43,16 +55,21 @@ class Leases:
 
     async def acquire(self) -> Any:
         while True:
-            if self._idle:
-                return self._idle.pop()[0]
+            while self._idle:
+                conn = self._idle.pop()[0]
+                if _alive(conn):
+                    return conn
+                await self._give_back(conn)  # closed while idle: asyncpg already has (or now gets) its slot
             if self._out < self.size:
                 self._out += 1
                 try:
-                    return await self.pool.acquire()
+                    conn = await self.pool.acquire()
                 except BaseException:
                     self._out -= 1
                     self._wake()
                     raise
+                pool_recovered()
+                return conn
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -71,21 +88,30 @@ class Leases:
                 return conn
 
     def use(self) -> _Lease:
-        """``async with leases.use() as conn``: a connection, released on exit. An exception other than
-        a server-side SQL error marks it failed (the pool then checks it)."""
+        """``async with leases.use() as conn``: a connection, released on exit. An exception that may have
+        left it unusable (see :func:`~oban_py.db.connect.connection_broken`) marks it failed: the pool
+        then checks it."""
         return _Lease(self)
 
     async def release(self, conn: Any, *, failed: bool = False) -> None:
-        """Take ``conn`` back. ``failed``: the caller's use of it ended in an error other than a server-side
-        SQL error (a cancelled query, a lost or confused connection): the pool then checks and resets it."""
-        try:
-            clean = self.keep and not (failed or self._closed or conn.is_closed() or conn.is_in_transaction())
-        except asyncpg.InterfaceError:
+        """Take ``conn`` back. ``failed``: the caller's use of it ended in an error that may have left it
+        unusable (a cancelled or timed-out query, a lost or confused connection, a session-ending server
+        error): it goes back to the pool, which waits out a pending cancel and resets or replaces it."""
+        raw = getattr(conn, "_con", conn)
+        if raw is None:
             # asyncpg already took back a connection that was closed under us (its proxy is detached).
             self._out -= 1
             self._wake()
             return
+        clean = self.keep and not (
+            failed or self._closed or raw.is_closed() or raw.is_in_transaction() or _cancelling(raw)
+        )
         if not clean:
+            if failed or _cancelling(raw):
+                # Never wait on the network for a connection that failed: a cancel still in flight on a
+                # black-holed socket would hold the release (and its caller) forever. Close it here;
+                # the pool opens a fresh one when it needs one.
+                raw.terminate()
             # The pool rolls back a dirty connection and replaces a broken one.
             await self._give_back(conn)
             return
@@ -115,7 +141,11 @@ class Leases:
         try:
             # InterfaceError: asyncpg already took it back when it was closed under us.
             with contextlib.suppress(asyncpg.InterfaceError):
-                await self.pool.release(conn)
+                try:
+                    await asyncio.wait_for(self.pool.release(conn), RELEASE_TIMEOUT)
+                except asyncio.TimeoutError:  # a reset stuck on a dead socket
+                    raw = getattr(conn, "_con", None) or conn
+                    raw.terminate()
         finally:
             self._wake()
 
@@ -154,6 +184,17 @@ class _Lease:
         return self._conn
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        # A server-side SQL error leaves the connection usable; anything else may not have.
-        failed = exc is not None and not isinstance(exc, asyncpg.PostgresError)
-        await self._leases.release(self._conn, failed=failed)
+        # An ordinary SQL error leaves the connection usable; anything else may not have.
+        await self._leases.release(self._conn, failed=exc is not None and connection_broken(exc))
+
+
+def _cancelling(raw: Any) -> bool:
+    """True while a cancelled query's cancel request is still in flight (a timeout caught in the body)."""
+    is_cancelling = getattr(getattr(raw, "_protocol", None), "_is_cancelling", None)
+    return is_cancelling is not None and bool(is_cancelling())
+
+
+def _alive(conn: Any) -> bool:
+    """False once asyncpg has closed ``conn`` (a pool proxy is detached from its connection then)."""
+    raw = getattr(conn, "_con", conn)
+    return raw is not None and not raw.is_closed()

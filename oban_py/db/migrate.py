@@ -19,33 +19,101 @@ def latest_version() -> int:
     return len(migrations("public"))
 
 
-async def _locked_versions(conn: Any, prefix: str) -> set[int]:
+# What the migrating role needs, beyond what the application role needs (USAGE on the schema and
+# SELECT, INSERT, UPDATE, DELETE on its tables).
+_MIGRATE_NEEDS = (
+    "migrations need the CREATE privilege on schema {schema} and ownership of its oban tables: run "
+    "`oban-py migrate` as the schema's owner (the application itself only needs USAGE on the schema and "
+    "SELECT, INSERT, UPDATE, DELETE on its tables)"
+)
+_INSUFFICIENT_PRIVILEGE = "42501"
+
+
+class _Target:
+    """Who migrates what: the role, the database, and what already exists in the schema."""
+
+    def __init__(self, row: Any, prefix: str) -> None:
+        self.role: str = row["role"]
+        self.database: str = row["database"]
+        self.schema_exists: bool = row["schema_exists"]
+        self.table_exists: bool = row["table_exists"]
+        self.prefix = prefix
+
+    def denied(self, exc: BaseException, step: str) -> MigrationError:
+        reason = str(exc).strip() or type(exc).__name__
+        needs = _MIGRATE_NEEDS.format(schema=quote_ident(self.prefix))
+        return MigrationError(f"role {self.role!r} cannot {step} ({reason}): {needs}")
+
+
+def _is_denied(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE
+
+
+async def _locked_versions(conn: Any, prefix: str) -> tuple[_Target, set[int]]:
     q = quote_ident(prefix)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"oban_py.migrate:{prefix}")
-    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
-    await conn.execute(
-        f"CREATE TABLE IF NOT EXISTS {q}.oban_migrations ("
-        "version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    # Look before creating: CREATE SCHEMA IF NOT EXISTS checks the CREATE privilege on the database
+    # before it looks for the schema, and CREATE TABLE IF NOT EXISTS checks CREATE on the schema first,
+    # so a role that owns an existing schema (or an app role, when nothing is pending) would be refused.
+    # The catalogs are readable by every role, whatever its privileges on the schema.
+    target = _Target(
+        await conn.fetchrow(
+            "SELECT current_user::text AS role, current_database()::text AS database,"
+            " EXISTS (SELECT FROM pg_namespace WHERE nspname = $1) AS schema_exists,"
+            " EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "         WHERE n.nspname = $1 AND c.relname = 'oban_migrations') AS table_exists",
+            prefix,
+        ),
+        prefix,
     )
-    return {r["version"] for r in await conn.fetch(f"SELECT version FROM {q}.oban_migrations")}
+    if not target.schema_exists:
+        try:
+            await conn.execute(f"CREATE SCHEMA {q}")
+        except Exception as exc:
+            if not _is_denied(exc):
+                raise
+            raise MigrationError(
+                f"role {target.role!r} cannot create schema {prefix!r}: that needs the CREATE privilege on "
+                f"database {target.database!r}. Create the schema once as an administrator "
+                f"(CREATE SCHEMA {q} AUTHORIZATION {quote_ident(target.role)}), then migrate as its owner"
+            ) from exc
+    try:
+        if not target.table_exists:
+            await conn.execute(
+                f"CREATE TABLE {q}.oban_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        rows = await conn.fetch(f"SELECT version FROM {q}.oban_migrations")
+    except Exception as exc:
+        if not _is_denied(exc):
+            raise
+        raise target.denied(exc, f"read or create {q}.oban_migrations") from exc
+    return target, {r["version"] for r in rows}
 
 
 async def migrate(conn: Any, prefix: str = "public", *, target: int | None = None) -> list[int]:
-    """Apply missing migrations up to ``target`` (default: latest); returns the versions applied."""
+    """Apply missing migrations up to ``target`` (default: latest); returns the versions applied.
+
+    Needs no privilege when nothing is pending beyond reading ``oban_migrations``; creating the schema
+    needs CREATE on the database, everything else CREATE on the schema and ownership of its tables. A
+    missing privilege raises :class:`MigrationError` naming it.
+    """
     q = quote_ident(prefix)
     applied_now: list[int] = []
     async with conn.transaction():
-        applied = await _locked_versions(conn, prefix)
+        who, applied = await _locked_versions(conn, prefix)
         for m in migrations(prefix):
             if m.version in applied or (target is not None and m.version > target):
                 continue
             try:
                 await conn.execute(m.up)
+                await conn.execute(
+                    f"INSERT INTO {q}.oban_migrations (version, name) VALUES ($1, $2)", m.version, m.name
+                )
             except Exception as exc:
+                if _is_denied(exc):
+                    raise who.denied(exc, f"apply migration {m.version:03d}_{m.name}") from exc
                 raise MigrationError(f"migration {m.version:03d}_{m.name} failed: {exc}") from exc
-            await conn.execute(
-                f"INSERT INTO {q}.oban_migrations (version, name) VALUES ($1, $2)", m.version, m.name
-            )
             applied_now.append(m.version)
     return applied_now
 
@@ -55,17 +123,27 @@ async def rollback(conn: Any, prefix: str = "public", *, target: int = 0) -> lis
     q = quote_ident(prefix)
     undone: list[int] = []
     async with conn.transaction():
-        applied = await _locked_versions(conn, prefix)
+        who, applied = await _locked_versions(conn, prefix)
         for m in reversed(migrations(prefix)):
             if m.version <= target or m.version not in applied:
                 continue
             if not m.down:
                 raise MigrationError(f"migration {m.version:03d}_{m.name} has no down migration")
-            await conn.execute(m.down)
-            await conn.execute(f"DELETE FROM {q}.oban_migrations WHERE version = $1", m.version)
+            try:
+                await conn.execute(m.down)
+                await conn.execute(f"DELETE FROM {q}.oban_migrations WHERE version = $1", m.version)
+            except Exception as exc:
+                if _is_denied(exc):
+                    raise who.denied(exc, f"roll back migration {m.version:03d}_{m.name}") from exc
+                raise
             undone.append(m.version)
         if target == 0:
-            await conn.execute(f"DROP TABLE IF EXISTS {q}.oban_migrations")
+            try:
+                await conn.execute(f"DROP TABLE IF EXISTS {q}.oban_migrations")
+            except Exception as exc:
+                if _is_denied(exc):
+                    raise who.denied(exc, f"drop {q}.oban_migrations") from exc
+                raise
     return undone
 
 

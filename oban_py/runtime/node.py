@@ -7,10 +7,17 @@ services, resigns leadership and removes the node row.
 
 Services (all intervals configurable):
 
-* **lifeline**: every ``heartbeat_interval`` refresh this node's heartbeat, then rescue jobs claimed by
-  processes whose heartbeat is older than ``rescue_after``. A node that has just (re)connected waits
-  ``rescue_after`` before rescuing anyone, so after a database outage the other nodes get the chance to
-  heartbeat first instead of having their running jobs taken from them.
+* **lifeline** (:mod:`.lifeline`, a thread of its own): every ``heartbeat_interval`` refresh this
+  node's heartbeat, whatever the event loop is doing; a tick on the loop stops every running job once
+  the last heartbeat is older than the lease, and when a heartbeat finds the node was presumed dead.
+* **rescuer**: every ``heartbeat_interval`` rescue jobs claimed by processes whose heartbeat is older
+  than ``rescue_after``. A node that has just (re)connected waits ``rescue_after`` before rescuing
+  anyone, so after a database outage the other nodes get the chance to heartbeat first.
+* **poller**: every ``poll_interval`` one query finds the queues with available jobs and wakes their
+  producers (the fallback for a missed NOTIFY, and for keyed slots freed on other nodes): idle cost
+  does not grow with the number of queues.
+* **reconciler**: after a fetch whose reply was lost (and every 10 s), put back jobs claimed by this
+  node that none of its producers holds (see :class:`ClaimGate`).
 * **stager**: every ``stage_interval`` move due scheduled/retryable jobs to available.
 * **controls**: every second re-read paused/limit controls from ``oban_queues`` (the fallback for a
   missed NOTIFY).
@@ -31,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import DatabaseUnavailable
+from .executor import Execution
+from .lifeline import WATCH_INTERVAL, Lifeline
 from .notifier import Notifier
-from .producer import Producer, ProducerContext, Target
+from .producer import ClaimGate, Producer, ProducerContext, Target
 from .service import Periodic
 
 if TYPE_CHECKING:
@@ -48,6 +57,8 @@ PRUNE_BATCH = 10_000
 SWEEP_BATCH = 10_000
 RESCUE_BATCH = 1_000
 STAGE_BATCH = 10_000
+RECONCILE_INTERVAL = 10.0
+DEREGISTER_TIMEOUT = 2.0
 
 
 def default_node_name() -> str:
@@ -63,32 +74,59 @@ class Node:
         self.is_leader = False
         self.producers: dict[str, Producer] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._healthy_since: float | None = None
         self._started = False
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._revoked = False
+        self._meta_text: str | None = None
+        self._meta_sent: str | None = None
+        self.stuck: list[Execution] = []
+        self.gate = ClaimGate()
         self.ctx = ProducerContext(
             driver=driver,
             node=self.name,
             instance=self.instance,
             poll_interval=config.poll_interval,
             spawn=self.spawn,
+            gate=self.gate,
+            reconcile=self.request_reconcile,
+            may_claim=lambda: not self._revoked,
         )
         for queue, qc in config.queues.items():
             self.producers[queue] = self._producer(queue, qc)
         self.notifier: Notifier | None = None
         if config.notifier == "listen":
             self.notifier = Notifier(
-                driver, on_insert=self._on_insert, on_signal=self._on_signal, on_connect=self._wake_all
+                driver, on_insert=self._on_insert, on_signal=self._on_signal, on_connect=self._on_connect
             )
         leader = lambda: self.is_leader  # noqa: E731
-        self.lifeline = Periodic("lifeline", config.heartbeat_interval, self._lifeline, run_at_start=False)
+        self.lifeline = Lifeline(
+            driver,
+            instance=self.instance,
+            node=self.name,
+            interval=config.heartbeat_interval,
+            rescue_after=config.rescue_after,
+            stall_limit=max(60.0, 2 * config.rescue_after),
+            meta=self._meta_for_beat,
+            on_rejoined=self._on_rejoined,
+        )
+        self.rescuer = Periodic("rescuer", config.heartbeat_interval, self._rescue, run_at_start=False)
         self.stager = Periodic("stager", config.stage_interval, self._stage)
         self.controls = Periodic("controls", 1.0, self._refresh_controls, run_at_start=False)
-        self.services = [self.lifeline, self.stager, self.controls]
+        self.poller = Periodic("poller", config.poll_interval, self._poll)
+        self.reconciler = Periodic("reconciler", RECONCILE_INTERVAL, self._reconcile, run_at_start=False)
+        self.services = [self.rescuer, self.stager, self.controls, self.poller, self.reconciler]
         if config.leadership:
             self.services.append(Periodic("leader", max(1.0, config.heartbeat_interval), self._elect))
             if config.prune_after:
                 self.services.append(
-                    Periodic("pruner", config.prune_interval, self._prune, leader_only=True, is_leader=leader)
+                    Periodic(
+                        "pruner",
+                        config.prune_interval,
+                        self._prune,
+                        leader_only=True,
+                        is_leader=leader,
+                        deadline=300.0,
+                    )
                 )
             self.services.append(
                 Periodic("unique-sweep", 10.0, self._sweep_unique, leader_only=True, is_leader=leader)
@@ -96,7 +134,12 @@ class Node:
             if config.vacuum_interval:
                 self.services.append(
                     Periodic(
-                        "vacuum", config.vacuum_interval, self._vacuum, leader_only=True, is_leader=leader
+                        "vacuum",
+                        config.vacuum_interval,
+                        self._vacuum,
+                        leader_only=True,
+                        is_leader=leader,
+                        deadline=300.0,
                     )
                 )
         self._may_vacuum = True
@@ -138,9 +181,15 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._heartbeat()
-        self._healthy_since = time.monotonic()
+        self._meta_text = self._meta()
+        sent = time.monotonic()
+        await self.driver.fetchval(
+            "node_heartbeat", instance=self.instance, node=self.name, meta=self._meta_text
+        )
+        self._meta_sent = self._meta_text
         await self._refresh_controls()
+        self.lifeline.start(sent)
+        self._tick()
         if self.notifier is not None:
             self.notifier.start()
         for service in self.services:
@@ -162,6 +211,7 @@ class Node:
         self._started = False
         timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         await asyncio.gather(*(p.stop(timeout) for p in self.producers.values()))
+        self.stuck = [e for p in self.producers.values() for e in p.stuck]
         for service in self.services:
             await service.stop()
         if self.notifier is not None:
@@ -169,15 +219,28 @@ class Node:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.stuck:
+            # Their bodies still run: keep heartbeating for them (from the lifeline's thread) until
+            # they end, so no other node starts them meanwhile; the thread deregisters then.
+            stuck = list(self.stuck)
+            self.lifeline.linger(lambda: not any(e.body_alive for e in stuck))
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        deregister = asyncio.ensure_future(asyncio.wait_for(self._deregister(), DEREGISTER_TIMEOUT))
+        await self.lifeline.stop()
         try:
-            if self.is_leader:
-                await self.driver.execute("leader_resign", name=LEADER_NAME, instance=self.instance)
-                await self.driver.notify(self.driver.signal_channel, json.dumps({"kind": "leader"}))
-            await self.driver.execute("node_delete", instance=self.instance)
-        except DatabaseUnavailable as exc:
-            log.warning("node %s: could not deregister: %s", self.name, exc)
+            await deregister
+        except (DatabaseUnavailable, asyncio.TimeoutError) as exc:
+            log.warning("node %s: could not deregister (%s); other nodes will time it out", self.name, exc)
         self.is_leader = False
         log.info("node %s stopped", self.name, extra={"node": self.name})
+
+    async def _deregister(self) -> None:
+        if self.is_leader:
+            await self.driver.execute("leader_resign", name=LEADER_NAME, instance=self.instance)
+            await self.driver.notify(self.driver.signal_channel, json.dumps({"kind": "leader"}))
+        if not self.stuck:
+            await self.driver.execute("node_delete", instance=self.instance)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a background coroutine owned by this node (errors logged, cancelled on stop)."""
@@ -224,9 +287,9 @@ class Node:
                 if service.name == "leader":
                     service.kick()
 
-    def _wake_all(self) -> None:
-        for producer in self.producers.values():
-            producer.notify()
+    def _on_connect(self) -> None:
+        """(Re)connected to LISTEN: inserts notified during the gap were missed; one poll finds them."""
+        self.poller.kick()
 
     # -- services ---------------------------------------------------------------------------------
 
@@ -255,38 +318,103 @@ class Node:
             }
         )
 
-    async def _heartbeat(self) -> None:
-        inserted = await self.driver.fetchval(
-            "node_heartbeat", instance=self.instance, node=self.name, meta=self._meta()
-        )
-        if inserted and self._started:
-            log.warning(
-                "node %s had been presumed dead (no heartbeat for %ss); jobs it was running may have been "
-                "rescued and run elsewhere",
-                self.name,
-                self.config.rescue_after,
-                extra={"node": self.name},
-            )
+    def _meta_for_beat(self) -> str | None:
+        """Called from the lifeline's thread: the node meta if it changed since the last heartbeat."""
+        text = self._meta_text
+        if text == self._meta_sent:
+            return None
+        self._meta_sent = text
+        return text
 
-    async def _lifeline(self) -> None:
-        try:
-            await self._heartbeat()
-        except DatabaseUnavailable:
-            self._healthy_since = None
-            raise
+    def _tick(self) -> None:
+        """A timer on the event loop: tells the lifeline the loop turns, and stops this node's jobs when
+        its lease has run out (other nodes may have rescued them already)."""
         now = time.monotonic()
-        if self._healthy_since is None:
-            self._healthy_since = now
-        if now - self._healthy_since < self.config.rescue_after:
+        self.lifeline.loop_turned(now)
+        age = self.lifeline.lease_age()
+        lapsed, self.lifeline.lapsed = self.lifeline.lapsed, False
+        if age > self.lifeline.lease or lapsed:
+            if not self._revoked:
+                self._revoked = True
+                running = sum(p.revoke() for p in self.producers.values())
+                log.warning(
+                    "node %s: no heartbeat for %.1fs (lease %.1fs); it may be presumed dead, so its %d "
+                    "running job(s) were stopped and go back to the queue",
+                    self.name,
+                    age,
+                    self.lifeline.lease,
+                    running,
+                    extra={"node": self.name},
+                )
+        elif self._revoked:
+            self._revoked = False
+            log.info("node %s: heartbeats resumed; taking jobs again", self.name, extra={"node": self.name})
+            for producer in self.producers.values():
+                producer.notify()
+        self._tick_handle = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._tick)
+
+    def _on_rejoined(self) -> None:
+        """A heartbeat had to re-create this node's row: another node presumed it dead and may have run
+        its jobs. Stop them now; their acks go back to the queue only where the claim is still ours."""
+        if not self._started:
+            return
+        running = sum(p.revoke() for p in self.producers.values())
+        self._meta_sent = None  # the row was re-created: send the full meta again
+        log.warning(
+            "node %s had been presumed dead (no heartbeat for %ss); its %d running job(s) were stopped, as "
+            "they may have been rescued and run elsewhere",
+            self.name,
+            self.config.rescue_after,
+            running,
+            extra={"node": self.name},
+        )
+
+    async def _rescue(self) -> None:
+        self._meta_text = self._meta()
+        healthy = self.lifeline.healthy_since
+        if healthy is None or time.monotonic() - healthy < self.config.rescue_after:
             return
         rows = await self.driver.transition(
-            "job_rescue", instance=self.instance, rescue_after=self.config.rescue_after, limit=RESCUE_BATCH
+            "job_rescue",
+            instance=self.instance,
+            rescue_after=self.config.rescue_after,
+            limit=RESCUE_BATCH,
+            channel=self.driver.insert_channel,
         )
         if rows:
             log.warning(
                 "rescued %d job(s) from processes that stopped heartbeating",
                 len(rows),
                 extra={"job_ids": [r["id"] for r in rows][:50]},
+            )
+            self._after_transition(rows)
+
+    async def _poll(self) -> None:
+        """Wake the producers whose queues have available jobs (one query for every queue)."""
+        if not any(not p.paused for p in self.producers.values()):
+            return
+        available = [r["queue"] for r in await self.driver.fetch("queue_names_available")]
+        for queue in available:
+            for producer in self._serving(queue):
+                producer.notify()
+        for producer in self.producers.values():
+            if producer.patterns:
+                self._expand(producer, available)
+                if any(q in available for q in producer.queues):
+                    producer.notify()
+
+    def request_reconcile(self) -> None:
+        self.reconciler.kick()
+
+    async def _reconcile(self) -> None:
+        """Put back jobs claimed by this node that none of its producers holds: the claims of a fetch
+        whose reply was lost. Runs alone (no cycle in flight), so every real claim is held somewhere."""
+        async with self.gate.exclusive():
+            known = [i for p in self.producers.values() for i in p.held()]
+            rows = await self.driver.transition("job_release_unknown", instance=self.instance, known=known)
+        if rows:
+            log.info(
+                "put back %d job(s) claimed by an interrupted fetch", len(rows), extra={"node": self.name}
             )
             self._after_transition(rows)
 

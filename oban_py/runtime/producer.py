@@ -1,49 +1,105 @@
 """The per-queue producer: fetch, run, ack.
 
-One producer per queue per node. Each wake-up (a NOTIFY for its queue, a finished job, the poll
-timer) completes the jobs that finished and claims up to ``limit - running`` more, in one round trip
-(``oban_fetch``). Jobs run as asyncio tasks; their outcomes are queued as acks and written together on
-the next cycle, so a busy queue costs one round trip per batch of jobs, not per job. Outcomes other
-than completion (retries, snoozes, cancels) are written first, in a transaction that settles unique
-keys.
+One producer per queue per node. Each wake-up (a NOTIFY for its queue, a finished job, the node's
+poller seeing available jobs) completes the jobs that finished and claims up to ``limit - running``
+more, in one round trip (``oban_fetch``). Jobs run as asyncio tasks; their outcomes are queued as acks
+and written together on the next cycle, so a busy queue costs one round trip per batch of jobs, not
+per job. Outcomes other than completion (retries, snoozes, cancels) are written first, in a
+transaction that settles unique keys.
 
-Failure handling:
+Failure handling (``docs/guarantees.md``):
 
+* Every cycle has a deadline (``CYCLE_DEADLINE``): a statement stuck on a dead socket is abandoned,
+  its connection discarded, and the cycle retried with backoff.
 * A lost connection during an ack keeps the acks and retries them (the claim guard makes a repeated
-  ack harmless).
+  ack harmless). An ack the database refuses (not a lost connection) is retried alone, then replaced
+  by a plain recorded failure, so one job's outcome can never wedge the queue.
 * A lost connection during a fetch leaves its outcome unknown: the fetch may have claimed rows we
-  never saw. The next cycle first puts back every job claimed by this producer that it does not hold.
-* Shutdown stops fetching, lets running jobs finish for up to ``shutdown_timeout``, then cancels them
-  and puts them back in the queue without counting the attempt.
+  never saw. The node then reconciles (see :class:`ClaimGate`): it puts back every job claimed by this
+  node that none of its producers holds.
+* Shutdown stops fetching, lets running jobs finish for up to ``shutdown_timeout``, then interrupts
+  them and puts them back in the queue without counting the attempt, but only once their bodies
+  have ended: a body that does not stop keeps its claim (see ``stuck``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
-import random
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
+from ..db.connect import is_transient
 from ..db.rows import job_from_record
 from ..errors import DatabaseUnavailable, UnknownWorker
 from ..job import Job
 from ..limits import RateLimit
 from ..worker import get_worker
-from .executor import Ack, _failure, execute
+from .backoff import Backoff
+from .executor import REVOKED, SHUTDOWN, Ack, Execution, execute, failure, scrub
 
 if TYPE_CHECKING:
     from ..db.driver import Driver
 
-__all__ = ["Producer", "ProducerContext", "Target", "claim_jobs", "write_acks"]
+__all__ = ["Backoff", "ClaimGate", "Producer", "ProducerContext", "Target", "claim_jobs", "write_acks"]
 
 log = logging.getLogger("oban_py.producer")
+
+# A cycle (acks plus fetch) that takes longer than this is abandoned and retried: a statement on a
+# black-holed connection would otherwise never return.
+CYCLE_DEADLINE = 15.0
+# After shutdown_timeout, interrupted jobs get this long to end before they count as stuck.
+INTERRUPT_GRACE = 3.0
+# Then the last acks get this long to be written (a database that cannot be reached does not hold
+# shutdown up: the jobs stay executing and are rescued).
+FLUSH_TIMEOUT = 2.0
+_timeout: Any = getattr(asyncio, "timeout", None)
+
+
+class ClaimGate:
+    """Producer cycles of one node run side by side; a reconcile runs alone.
+
+    A reconcile puts back jobs claimed by this node that no producer holds (a fetch whose reply was
+    lost). It must not run while any cycle is in flight, or it would put back rows a fetch has just
+    claimed but not yet handed to its producer: the gate waits for cycles to finish and holds new
+    ones back meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    async def enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._open.clear()
+        try:
+            while self.active:
+                await self._idle.wait()
+            yield
+        finally:
+            self._open.set()
 
 
 @dataclass
@@ -55,22 +111,10 @@ class ProducerContext:
     instance: str
     poll_interval: float
     spawn: Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-class Backoff:
-    """Exponential backoff with jitter for retrying after database errors."""
-
-    def __init__(self, base: float = 0.05, cap: float = 5.0) -> None:
-        self.base = base
-        self.cap = cap
-        self.failures = 0
-
-    def next(self) -> float:
-        self.failures += 1
-        return float(min(self.cap, self.base * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0))
-
-    def reset(self) -> None:
-        self.failures = 0
+    gate: ClaimGate = field(default_factory=ClaimGate)
+    reconcile: Callable[[], None] = lambda: None
+    # False while the node's lease may have run out: claims made then could be rescued at once.
+    may_claim: Callable[[], bool] = lambda: True
 
 
 @dataclass
@@ -105,16 +149,17 @@ class Producer:
         self.paused = paused
         self.patterns = patterns
         self.targets: list[Target] = targets if targets is not None else [Target(name)]
-        self._running: dict[int, asyncio.Task[None]] = {}
-        self._interrupts: dict[int, str] = {}
+        self._running: dict[int, Execution] = {}
         self._acks: list[Ack] = []
         self._wake = asyncio.Event()
         self._stopping = False
-        self._reconcile = False
-        self._limiter = anyio.CapacityLimiter(max(1, limit))
+        self._detached = False  # shutdown gave up waiting for stuck bodies
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff()
+        self._riding = True  # completions ride along with the fetch (off after a refused fetch)
+        self.cycle_started: float | None = None  # monotonic start of the cycle in flight
         self.completed = 0
+        self.stuck: list[Execution] = []
 
     @property
     def queue(self) -> str:
@@ -139,9 +184,15 @@ class Producer:
     def running(self) -> int:
         return len(self._running)
 
+    def held(self) -> list[int]:
+        """Ids of the jobs this producer holds a claim on: running ones and unwritten acks."""
+        return [*self._running, *(a.id for a in self._acks)]
+
+    def executions(self) -> list[Execution]:
+        return list(self._running.values())
+
     def set_limit(self, limit: int) -> None:
         self.limit = limit
-        self._limiter.total_tokens = max(1, limit)
         self.notify()
 
     def set_paused(self, paused: bool) -> None:
@@ -149,43 +200,61 @@ class Producer:
         self.notify()
 
     def interrupt(self, job_id: int, reason: str) -> bool:
-        """Cancel a running job's task (after cancel_job or delete_job). True if it ran here."""
-        task = self._running.get(job_id)
-        if task is None:
+        """Stop a running job (cancel_job, delete_job, shutdown, a lost claim). True if it ran here."""
+        execution = self._running.get(job_id)
+        if execution is None:
             return False
-        self._interrupts[job_id] = reason
-        task.cancel()
+        execution.interrupt(reason)
         return True
 
-    async def stop(self, timeout: float) -> None:  # noqa: ASYNC109 - a grace period, not a deadline
-        """Stop fetching, wait up to ``timeout`` for running jobs, then put the rest back."""
+    def revoke(self) -> int:
+        """This node's claims may have been taken over (missed heartbeats): stop every running job."""
+        for execution in self._running.values():
+            execution.interrupt(REVOKED)
+        return len(self._running)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop fetching, wait up to ``timeout`` for running jobs, then interrupt the rest. A job whose
+        body does not end is left claimed (``stuck``), never handed back while it may still run."""
         self._stopping = True
         self.notify()
-        tasks = list(self._running.values())
+        tasks = [e.task for e in self._running.values() if e.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             if pending:
                 log.warning(
-                    "queue %s: %d job(s) still running after %.1fs; putting them back in the queue",
+                    "queue %s: %d job(s) still running after %.1fs; interrupting them and putting them "
+                    "back in the queue",
                     self.queue,
                     len(pending),
                     timeout,
                     extra={"queue": self.queue},
                 )
-                for job_id, task in list(self._running.items()):
-                    if task in pending:
-                        self._interrupts[job_id] = "shutdown"
-                        task.cancel()
-                await asyncio.wait(pending, timeout=5.0)
+                for execution in list(self._running.values()):
+                    if execution.task in pending:
+                        execution.interrupt(SHUTDOWN)
+                _, pending = await asyncio.wait(pending, timeout=INTERRUPT_GRACE)
+            if pending:
+                self.stuck = [e for e in self._running.values() if e.task in pending]
+                self._detached = True
+                log.error(
+                    "queue %s: job(s) %s did not stop when interrupted; they keep their claim while their "
+                    "bodies run (and are rescued once this process is gone)",
+                    self.queue,
+                    ", ".join(str(e.job.id) for e in self.stuck),
+                    extra={"queue": self.queue, "job_ids": [e.job.id for e in self.stuck]},
+                )
         self.notify()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=10.0)
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=FLUSH_TIMEOUT)
             except asyncio.TimeoutError:
                 log.error(
-                    "queue %s: could not write %d final ack(s); the jobs stay executing until rescued",
+                    "queue %s: could not write %d final ack(s) in %.0fs; the jobs stay executing until "
+                    "rescued",
                     self.queue,
                     len(self._acks),
+                    FLUSH_TIMEOUT,
                     extra={"queue": self.queue},
                 )
                 self._task.cancel()
@@ -194,39 +263,48 @@ class Producer:
 
     async def _loop(self) -> None:
         while True:
-            if self._stopping and not self._running and not self._acks:
+            if self._stopping and not self._acks and (not self._running or self._detached):
                 return
-            if not self._wake.is_set():
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.ctx.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
+            await self._wake.wait()
             self._wake.clear()
             try:
-                await self._cycle()
+                if _timeout is not None:  # 3.11+: no extra task per cycle
+                    async with _timeout(CYCLE_DEADLINE):
+                        await self._cycle()
+                else:  # pragma: no cover - Python 3.10
+                    await asyncio.wait_for(self._cycle(), CYCLE_DEADLINE)
                 self._backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                delay = self._backoff.next()
-                if isinstance(exc, DatabaseUnavailable):
-                    level = logging.WARNING if self._backoff.failures in (1, 10, 100) else logging.DEBUG
-                    log.log(
-                        level,
-                        "queue %s: %s; retrying in %.2fs",
-                        self.queue,
-                        exc,
-                        delay,
-                        extra={"queue": self.queue},
-                    )
-                else:
-                    log.exception("queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay)
-                if self._stopping and self._backoff.failures > 20:
-                    return
-                await asyncio.sleep(delay)
-                self._wake.set()
+                await self._failed(exc)
+
+    async def _failed(self, exc: Exception) -> None:
+        delay = self._backoff.next()
+        extra = {"queue": self.queue}
+        if isinstance(exc, asyncio.TimeoutError):
+            exc = DatabaseUnavailable(f"cycle took longer than {CYCLE_DEADLINE:.0f}s")
+            self.ctx.reconcile()
+        if isinstance(exc, DatabaseUnavailable):
+            level = logging.WARNING if self._backoff.failures in (1, 10, 100) else logging.DEBUG
+            log.log(level, "queue %s: %s; retrying in %.2fs", self.queue, exc, delay, extra=extra)
+        else:
+            # A fetch the database refuses: keep writing acks on their own meanwhile.
+            self._riding = False
+            log.exception(
+                "queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay, extra=extra
+            )
+        if self._stopping and self._backoff.failures > 20:
+            self._acks.clear()
+            self._running.clear()
+            return
+        await asyncio.sleep(delay)
+        self._wake.set()
 
     async def _cycle(self) -> None:
+        gate = self.ctx.gate
+        await gate.enter()
+        self.cycle_started = time.monotonic()
         acks, self._acks = self._acks, []
         try:
             await self._cycle_with(acks)
@@ -235,29 +313,25 @@ class Producer:
             # turns the second write into a no-op.
             self._acks[:0] = acks
             raise
+        finally:
+            self.cycle_started = None
+            gate.leave()
 
     async def _cycle_with(self, acks: list[Ack]) -> None:
         demand = 0 if (self.paused or self._stopping) else self.limit - len(self._running)
-        if not acks and demand <= 0 and not self._reconcile:
+        if demand > 0 and not self.ctx.may_claim():
+            demand = 0
+        if not acks and demand <= 0:
             return
         driver = self.ctx.driver
         parked: list[int] = []
         async with driver.connection() as conn:
             # Plain completions ride along with the fetch; everything else is written first.
-            riding = [a for a in acks if a.simple] if demand > 0 else []
-            rest = [a for a in acks if not (demand > 0 and a.simple)]
+            ride = demand > 0 and self._riding
+            riding = [a for a in acks if a.simple] if ride else []
+            rest = [a for a in acks if not (ride and a.simple)]
             if rest:
                 parked = await self._write_acks(conn, rest)
-            if self._reconcile:
-                # Jobs we hold: running ones, and finished ones whose acks are not written yet.
-                known = list(self._running) + [a.id for a in riding] + [a.id for a in self._acks]
-                rows = await driver.transition(
-                    "job_release_unknown", conn, queues=self.queues, instance=self.ctx.instance, known=known
-                )
-                self._reconcile = False
-                if rows:
-                    log.info("queue %s: put back %d job(s) from an interrupted fetch", self.queue, len(rows))
-                    self._wake.set()
             if demand > 0:
                 try:
                     rows = await claim_jobs(
@@ -270,8 +344,9 @@ class Producer:
                         acks=riding,
                     )
                 except DatabaseUnavailable:
-                    self._reconcile = True
+                    self.ctx.reconcile()
                     raise
+                self._riding = True
                 self.completed += len(riding)
                 for row in rows:
                     kind = row["kind"]
@@ -287,45 +362,85 @@ class Producer:
             self.ctx.spawn(driver.unpark(parked))
 
     async def _write_acks(self, conn: Any, acks: list[Ack]) -> list[int]:
-        parked = await write_acks(self.ctx.driver, conn, acks)
+        """Write acks; an ack the database refuses is isolated and replaced (see :func:`_fallback`)."""
+        try:
+            parked = await write_acks(self.ctx.driver, conn, acks)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            parked = []
+            for ack in acks:
+                parked += await self._write_alone(conn, ack, exc if len(acks) == 1 else None)
         self.completed += len(acks)
         return parked
 
+    async def _write_alone(self, conn: Any, ack: Ack, error: Exception | None) -> list[int]:
+        driver = self.ctx.driver
+        if error is None:
+            try:
+                return await write_acks(driver, conn, [ack])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                error = exc
+        for attempt in (_fallback(ack, error), Ack(ack.id, ack.claim, "discarded")):
+            log.error(
+                "job %s: the database refused its outcome (%s: %s); recording %s instead",
+                ack.id,
+                type(error).__name__,
+                scrub(str(error), 300),
+                attempt.state,
+                extra={"job_id": ack.id, "queue": self.queue},
+            )
+            try:
+                return await write_acks(driver, conn, [attempt])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                error = exc
+        return []  # pragma: no cover - even a bare discard was refused; the reconcile puts it back
+
     def _launch(self, row: Any) -> None:
         job = job_from_record(row)
-        claim: datetime = row["attempted_at"]
-        task = asyncio.get_running_loop().create_task(self._run(job, claim), name=f"oban-job-{job.id}")
+        execution = Execution(job, row["attempted_at"])
+        execution.started = time.monotonic()
         assert job.id is not None
-        self._running[job.id] = task
+        self._running[job.id] = execution
+        execution.task = asyncio.get_running_loop().create_task(
+            self._run(execution), name=f"oban-job-{job.id}"
+        )
 
-    async def _run(self, job: Job[Any], claim: datetime) -> None:
+    async def _run(self, execution: Execution) -> None:
+        job = execution.job
         assert job.id is not None
         ack: Ack | None
         try:
-            ack = await execute(job, claim, limiter=self._limiter)
-        except asyncio.CancelledError:
-            reason = self._interrupts.pop(job.id, "shutdown")
-            if reason == "shutdown":
-                entry = json.dumps(
-                    {
-                        "attempt": job.attempt,
-                        "at": datetime.now(timezone.utc).isoformat(),
-                        "kind": "interrupted",
-                        "error": f"interrupted by shutdown of node {self.ctx.node}; returned to the queue",
-                    }
-                )
-                ack = Ack(job.id, claim, "available", delay=0.0, error=entry, attempt_delta=-1)
-            else:
-                ack = None  # cancelled or deleted by a user: the row already says so
-        except Exception as exc:  # execute() handles job errors; this is our bug, but never lose the job
+            ack = await execute(execution)
+        except BaseException as exc:  # execute() contains job errors; this is our bug: never lose the job
             log.exception("job %s: executor failed", job.id)
-            ack = _failure(job, claim, exc, None, "internal")
+            ack = failure(job, execution.claim, exc, None, "internal")
         finally:
             self._running.pop(job.id, None)
-            self._interrupts.pop(job.id, None)
         if ack is not None:
             self._acks.append(ack)
         self._wake.set()
+
+
+def _fallback(ack: Ack, error: Exception) -> Ack:
+    """A plain outcome in place of one the database refused: no result or meta, an ASCII error entry.
+    A retry or snooze becomes a discard: the same body would return the same outcome again."""
+    entry = json.dumps(
+        {
+            "at": datetime.now(timezone.utc).isoformat(),
+            "kind": "bad_outcome",
+            "error": f"the outcome ({ack.state}) could not be stored: {type(error).__name__}: "
+            + scrub(str(error), 500).encode("ascii", "backslashreplace").decode("ascii"),
+        }
+    )
+    if ack.state == "available":
+        return Ack(ack.id, ack.claim, "available", delay=0.0, attempt_delta=ack.attempt_delta)
+    state = ack.state if ack.state in ("completed", "cancelled", "discarded") else "discarded"
+    return Ack(ack.id, ack.claim, state, error=entry)
 
 
 async def claim_jobs(

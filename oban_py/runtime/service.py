@@ -4,7 +4,9 @@ Each maintenance duty (heartbeat and rescue, staging, pruning, the unique sweep,
 is a :class:`Periodic`: a ``run_once`` coroutine called every ``interval`` seconds (with jitter, so
 nodes spread out), optionally only while this node holds the leader lease. ``stop()`` is idempotent
 and safe before ``start()``. A lost database connection is logged once and retried on the next tick;
-any other error is logged with its traceback and the service keeps going.
+any other error is logged with its traceback and the service keeps going. Each run has a
+``deadline``: a statement stuck on a dead socket is abandoned (its connection discarded) instead of
+stopping the service for good.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Periodic:
         is_leader: Callable[[], bool] = lambda: True,
         jitter: float = 0.1,
         run_at_start: bool = True,
+        deadline: float = 30.0,
     ) -> None:
         self.name = name
         self.interval = interval
@@ -40,6 +43,7 @@ class Periodic:
         self.is_leader = is_leader
         self.jitter = jitter
         self.run_at_start = run_at_start
+        self.deadline = deadline
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self._down = False
@@ -75,15 +79,18 @@ class Periodic:
             if self.leader_only and not self.is_leader():
                 continue
             try:
-                await self.run_once()
+                await asyncio.wait_for(self.run_once(), self.deadline)
                 if self._down:
                     log.info("%s: database reachable again", self.name)
                 self._down = False
             except asyncio.CancelledError:
                 raise
-            except DatabaseUnavailable as exc:
+            except (DatabaseUnavailable, asyncio.TimeoutError) as exc:
                 if not self._down:
-                    log.warning("%s: %s", self.name, exc)
+                    reason = (
+                        exc if isinstance(exc, DatabaseUnavailable) else f"took over {self.deadline:.0f}s"
+                    )
+                    log.warning("%s: %s", self.name, reason)
                 self._down = True
             except Exception:
                 log.exception("%s failed; retrying in %.1fs", self.name, self.interval)

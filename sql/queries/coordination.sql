@@ -19,10 +19,11 @@ DELETE FROM __prefix__.oban_leaders WHERE name = :name AND instance = :instance
 
 -- name: node_heartbeat
 -- Register or refresh this process. `inserted` is true when the row had to be created again, i.e.
--- another node declared this one dead while it could not reach the database.
+-- another node declared this one dead while it could not reach the database. A NULL meta keeps the
+-- stored one (it is sent only when it changed: with thousands of queues it is large).
 INSERT INTO __prefix__.oban_nodes AS n (instance, node, meta)
-VALUES (:instance, :node, :meta::jsonb)
-ON CONFLICT (instance) DO UPDATE SET heartbeat_at = now(), meta = EXCLUDED.meta
+VALUES (:instance, :node, COALESCE(:meta::jsonb, '{}'))
+ON CONFLICT (instance) DO UPDATE SET heartbeat_at = now(), meta = COALESCE(:meta::jsonb, n.meta)
 RETURNING (n.xmax = 0) AS inserted
 
 -- name: node_delete

@@ -1,0 +1,245 @@
+"""The node's lifeline: heartbeats from a thread of their own, and a watchdog on the event loop.
+
+Heartbeats run on a daemon thread with its own event loop and its own connection, so a job that
+blocks the event loop (``time.sleep`` in ``async def process``) does not make a live node look dead
+and get its other jobs run twice. The thread also watches the loop: a loop that has not turned for a
+second is logged with the job that blocks it and where (file and line). A loop blocked for longer
+than ``stall_limit`` is treated as dead: heartbeats stop, so other nodes rescue its jobs.
+
+The main loop reads ``lease_age()`` on every tick (:meth:`Node._tick`): once it passes the lease
+(``rescue_after`` less one heartbeat interval) other nodes may already have rescued this node's jobs,
+so the node stops them. After a SIGSTOP the tick is the first timer to fire, before any job's own
+timer, so a frozen node's jobs are stopped before they can finish work another node has taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .executor import Execution, execute
+from .executor import scrub as _scrub
+
+if TYPE_CHECKING:
+    from ..db.driver import Driver
+
+__all__ = ["Lifeline", "find_blocker"]
+
+log = logging.getLogger("oban_py.node")
+
+WATCH_INTERVAL = 0.25
+BLOCKED_AFTER = 1.0
+
+
+def find_blocker(thread_id: int) -> tuple[Execution | None, str]:
+    """The job whose code is running on thread ``thread_id`` right now, and where (``file:line``)."""
+    frame: types.FrameType | None = sys._current_frames().get(thread_id)
+    where = ""
+    if frame is not None:
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+    while frame is not None:
+        if frame.f_code is execute.__code__:
+            found = frame.f_locals.get("execution")
+            return (found if isinstance(found, Execution) else None), where
+        frame = frame.f_back
+    return None, where
+
+
+class Lifeline:
+    """Keeps this node's row in ``oban_nodes`` fresh from a thread, while the node deserves it."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        instance: str,
+        node: str,
+        interval: float,
+        rescue_after: float,
+        stall_limit: float,
+        meta: Callable[[], str | None],
+        on_rejoined: Callable[[], None],
+    ) -> None:
+        self.driver = driver
+        self.instance = instance
+        self.node = node
+        self.interval = interval
+        self.rescue_after = rescue_after
+        self.stall_limit = stall_limit
+        self.meta = meta
+        self.on_rejoined = on_rejoined
+        self.lease = max(rescue_after - interval, rescue_after / 2)
+        self.last_beat: float | None = None  # monotonic time a successful heartbeat was sent
+        self.healthy_since: float | None = None
+        self.loop_seen = time.monotonic()  # the main loop's last tick
+        self.beats = 0
+        self.lapsed = False  # the lease ran out at some point since the loop last looked
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = threading.get_ident()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._linger: Callable[[], bool] | None = None
+        self._conn: Any = None
+        self._down = False
+        self._stalled = False
+        self._reported = 0.0  # how long the loop had been blocked when last reported
+        self._watched = time.monotonic()  # this thread's last watch
+
+    # -- control (main loop) -----------------------------------------------------------------------
+
+    def start(self, first_beat_at: float) -> None:
+        """Start beating (the first heartbeat was written by the node at ``first_beat_at``)."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.last_beat = self.healthy_since = first_beat_at
+        self.loop_seen = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="oban-lifeline", daemon=True)
+        self._thread.start()
+
+    def lease_age(self) -> float:
+        return float("inf") if self.last_beat is None else time.monotonic() - self.last_beat
+
+    def linger(self, until: Callable[[], bool]) -> None:
+        """Keep beating after stop() until ``until()`` is true (stuck job bodies), then deregister."""
+        self._linger = until
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._linger is None:
+            # A heartbeat stuck on a dead socket is not worth waiting for: the thread is a daemon.
+            await asyncio.to_thread(self._thread.join, 1.0)
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:  # pragma: no cover - the lifeline must never take the process down
+            log.exception("node %s: lifeline failed", self.node)
+
+    async def _main(self) -> None:
+        next_beat = time.monotonic() + self.interval
+        try:
+            while True:
+                if self._stop.is_set() and (self._linger is None or self._linger()):
+                    break
+                now = time.monotonic()
+                self._watch(now)
+                if now >= next_beat:
+                    next_beat = now + self.interval
+                    if self._deserves_beat(now):
+                        await self._beat()
+                await asyncio.sleep(WATCH_INTERVAL)
+            if self._linger is not None:
+                log.info("node %s: the last stuck job body ended; deregistering", self.node)
+                await self._query("node_delete", instance=self.instance)
+        finally:
+            if self._conn is not None:
+                self._conn.terminate()
+
+    def _deserves_beat(self, now: float) -> bool:
+        """A node whose loop has not turned for ``stall_limit`` no longer counts as alive."""
+        if self._stop.is_set():
+            return True  # lingering: the loop may be done, the stuck bodies are not
+        stalled = now - self.loop_seen > self.stall_limit
+        if stalled and not self._stalled:
+            log.error(
+                "node %s: event loop blocked for over %.0fs; heartbeats stop so other nodes can rescue its "
+                "jobs",
+                self.node,
+                self.stall_limit,
+                extra={"node": self.node},
+            )
+        self._stalled = stalled
+        return not stalled
+
+    def _watch(self, now: float) -> None:
+        if now - self._watched > BLOCKED_AFTER:
+            # This thread did not run either: the whole process was frozen (SIGSTOP, a VM pause), which
+            # is not the loop's fault. Measure the loop from here on.
+            self.loop_seen = max(self.loop_seen, now)
+        self._watched = now
+        blocked = now - self.loop_seen
+        if blocked < BLOCKED_AFTER or self._stop.is_set():
+            return
+        # Once after a second, then every 10 s while it lasts.
+        if self._reported and blocked - self._reported < 10.0:
+            return
+        self._reported = blocked
+        execution, where = find_blocker(self._loop_thread)
+        if execution is not None:
+            job = execution.job
+            log.warning(
+                "event loop blocked for %.1fs by job %s (%s) at %s: async jobs must not call blocking code "
+                "(use `def process` for blocking work)",
+                blocked,
+                job.id,
+                job.worker,
+                _scrub(where),
+                extra={
+                    "job_id": job.id,
+                    "worker": job.worker,
+                    "queue": job.queue,
+                    "blocked_s": round(blocked, 1),
+                },
+            )
+        else:
+            log.warning(
+                "event loop blocked for %.1fs at %s", blocked, _scrub(where), extra={"blocked_s": blocked}
+            )
+
+    def loop_turned(self, now: float) -> None:
+        """Called by the main loop on every tick."""
+        self.loop_seen = now
+        self._reported = 0.0
+
+    async def _beat(self) -> None:
+        sent = time.monotonic()
+        if self.last_beat is not None and sent - self.last_beat > self.lease:
+            # The lease ran out before this beat (a freeze, an outage): tell the loop even if this beat
+            # succeeds before the loop's next tick, since the node's jobs may have been rescued.
+            self.lapsed = True
+        try:
+            rejoined = await self._query(
+                "node_heartbeat", instance=self.instance, node=self.node, meta=self.meta()
+            )
+        except Exception as exc:
+            self.healthy_since = None
+            if not self._down:
+                log.warning(
+                    "node %s: heartbeat failed: %s: %s", self.node, type(exc).__name__, _scrub(str(exc), 300)
+                )
+            self._down = True
+            return
+        if self._down:
+            log.info("node %s: heartbeats resumed", self.node)
+        self._down = False
+        self.beats += 1
+        self.last_beat = sent
+        if self.healthy_since is None:
+            self.healthy_since = sent
+        if rejoined and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.on_rejoined)
+            except RuntimeError:  # the main loop is closed
+                pass
+
+    async def _query(self, name: str, **params: Any) -> Any:
+        query = self.driver.queries[name]
+        timeout = max(2.0, min(self.interval * 2, 10.0))
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = None
+                self._conn = await asyncio.wait_for(self.driver.connect_dedicated(), timeout)
+            return await self._conn.fetchval(query.text, *query.args(params), timeout=timeout)
+        except (Exception, asyncio.CancelledError):
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            raise
