@@ -9,7 +9,7 @@ from ._version import __version__
 from .config import Config, QueueConfig, load_config
 from .job import Cancel, Job, JobState, Record, Snooze
 from .oban import Oban
-from .runtime.executor import Interrupted, current_job
+from .runtime.executor import Interrupted, current_job, stop_requested
 from .unique import UniqueOptions
 from .worker import Worker, job, worker
 
@@ -29,5 +29,6 @@ __all__ = [
     "current_job",
     "job",
     "load_config",
+    "stop_requested",
     "worker",
 ]

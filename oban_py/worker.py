@@ -139,6 +139,12 @@ def validate_scheduled_at(value: Any, worker: str | None = None) -> datetime:
     return value
 
 
+def _validate_interruptible(value: Any, worker: str | None) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError("interruptible", value, "must be True or False", worker=worker)
+    return value
+
+
 def _schedule_in(value: Any, worker: str | None) -> datetime:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
@@ -173,6 +179,8 @@ class WorkerSpec:
     args_model: type[BaseModel] | None = None
     oban: str | None = None
     is_async: bool = True
+    #: A sync job may be stopped by raising ``Interrupted`` in its thread (see docs/guarantees.md).
+    interruptible: bool = False
 
     def new(self, args: Any = None, /, **overrides: Any) -> Job[Any]:
         """Build a validated Job for this worker (not inserted)."""
@@ -308,6 +316,7 @@ def _spec_options(name: str, cls: type, opts: dict[str, Any], is_async: bool) ->
         args_model=args_model,
         oban=oban_name,
         is_async=is_async,
+        interruptible=_validate_interruptible(opts.get("interruptible", False), name),
     )
 
 
@@ -324,6 +333,7 @@ _WORKER_OPTIONS = frozenset(
         "solo",
         "args",
         "name",
+        "interruptible",
     }
     | {"oban"}
 )

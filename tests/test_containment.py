@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from oban_py import Cancel, Job, Oban, Record, Snooze, Worker, worker
+from oban_py import Cancel, Job, Oban, Record, Snooze, Worker, stop_requested, worker
 from oban_py.runtime import producer as producer_module
 
 from helpers import states, wait_for
@@ -191,9 +191,9 @@ class Stubborn(Worker):
         ledger.append(("end", job.id or 0, time.monotonic()))
 
 
-@worker(queue="slots", timeout=0.2, max_attempts=1)
+@worker(queue="slots", timeout=0.2, max_attempts=1, interruptible=True)
 class Polite(Worker):
-    """Stops at the interrupt."""
+    """Stops at the interrupt (its worker opts in to having Interrupted raised in its thread)."""
 
     def process(self, job: Job[Any]) -> None:
         ledger.append(("start", job.id or 0, time.monotonic()))
@@ -233,6 +233,60 @@ async def test_a_sync_job_is_interrupted_at_its_timeout(
     start, end = (e[2] for e in ledger)
     assert end - start < 1.0  # stopped by the interrupt, not left running
     assert (await oban.get_job(job_.id)).errors[-1]["kind"] == "timeout"  # type: ignore[arg-type]
+
+
+@worker(queue="slots", timeout=0.2, max_attempts=1)
+class Cooperative(Worker):
+    """Checks stop_requested() between steps (no exception is raised in its thread)."""
+
+    def process(self, job: Job[Any]) -> None:
+        ledger.append(("start", job.id or 0, time.monotonic()))
+        while not stop_requested():
+            time.sleep(0.01)
+        ledger.append(("end", job.id or 0, time.monotonic()))
+
+
+async def test_a_sync_job_is_asked_to_stop_at_its_timeout(
+    make_oban: Any, oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    await make_oban(queues={"slots": 1})
+    job_ = await oban.insert(Cooperative.new({}))
+    await wait_for(lambda: _done(db, prefix, [job_.id]), timeout=5)
+    start, end = (e[2] for e in ledger)
+    assert 0.15 < end - start < 1.0
+    assert (await oban.get_job(job_.id)).errors[-1]["kind"] == "timeout"  # type: ignore[arg-type]
+
+
+@worker(queue="keyed_sync", max_attempts=3, limit={"key": "k", "to": 1})
+class KeyedSync(Worker):
+    """Ignores stop requests for ``for`` seconds, then fails (a cancel must still win)."""
+
+    def process(self, job: Job[Any]) -> None:
+        ledger.append(("start", job.id or 0, time.monotonic()))
+        time.sleep(job.args["for"])
+        ledger.append(("end", job.id or 0, time.monotonic()))
+        raise RuntimeError("failed after the cancel")
+
+
+async def test_cancelling_a_running_sync_job_keeps_its_keyed_slot_until_its_body_ends(
+    make_oban: Any, oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    await make_oban(queues={"keyed_sync": 4})
+    first = await oban.insert(KeyedSync.new({"k": "a", "for": 0.8}))
+    await wait_for(lambda: ledger, timeout=5)
+    second = await oban.insert(KeyedSync.new({"k": "a", "for": 0.0}))
+    assert await oban.cancel_job(first.id) is True  # type: ignore[arg-type]
+    # The body still runs: the row keeps its slot, so the second job of the key waits.
+    assert (await oban.get_job(first.id)).state.value == "executing"  # type: ignore[arg-type]
+    await wait_for(lambda: _state(oban, first.id, "cancelled"), timeout=5)
+    await wait_for(lambda: len([e for e in ledger if e[1] == second.id]) == 2, timeout=5)
+    assert _max_concurrent() == 1
+    # The failure after the request did not turn into a retry; a manual retry starts afresh.
+    cancelled = await oban.get_job(first.id)  # type: ignore[arg-type]
+    assert cancelled.attempt == 1 and "cancel_requested" in cancelled.meta
+    assert await oban.retry_job(first.id) is True  # type: ignore[arg-type]
+    await wait_for(lambda: _state(oban, first.id, "retryable"), timeout=5)
+    assert "cancel_requested" not in (await oban.get_job(first.id)).meta  # type: ignore[arg-type]
 
 
 async def test_shutdown_never_hands_back_a_body_that_still_runs(

@@ -10,9 +10,11 @@ Containment (``docs/guarantees.md``): whatever the body raises, ``BaseException`
 recorded failed attempt; whatever it returns becomes an outcome that PostgreSQL accepts (text is
 scrubbed of NUL bytes and lone surrogates, a ``Snooze`` must be finite, a ``Record`` must be strict
 JSON, else the attempt fails with an error saying so). A thread cannot be killed: when a sync job
-outlives its timeout, or is cancelled, the engine raises :class:`Interrupted` inside it (seen at the
-next Python bytecode, not inside a blocking C call) and keeps the job's claim and limit slot until
-the thread really returns.
+outlives its timeout, or is cancelled, the engine asks it to stop (:func:`stop_requested`), raises
+:class:`Interrupted` inside it if its worker is ``interruptible=True`` (seen at the next Python
+bytecode, not inside a blocking C call; opt-in, because an exception raised at an arbitrary bytecode
+can leave a lock the body holds, a logging handler's say, taken for good), and keeps the job's claim
+and limit slot until the thread really returns.
 
 The outcome becomes an :class:`Ack`, written in batches by the producer.
 """
@@ -25,6 +27,7 @@ import ctypes
 import json
 import logging
 import math
+import queue
 import random
 import threading
 import traceback
@@ -39,13 +42,23 @@ from ..errors import UnknownWorker
 from ..job import Cancel, Job, JobControl, Record, Snooze
 from ..worker import WorkerSpec, get_worker
 
-__all__ = ["Ack", "Execution", "Interrupted", "current_job", "default_backoff", "execute", "failure"]
+__all__ = [
+    "Ack",
+    "Execution",
+    "Interrupted",
+    "current_job",
+    "default_backoff",
+    "execute",
+    "failure",
+    "stop_requested",
+]
 
 log = logging.getLogger("oban_py.job")
 
 _current: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar(
     "oban_py_current_job", default=None
 )
+_stop: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("oban_py_stop", default=None)
 MAX_TRACEBACK = 16_000
 MAX_MESSAGE = 4_000
 MAX_RESULT_BYTES = 8 * 1024 * 1024
@@ -63,6 +76,14 @@ TIMEOUT = "timeout"  # a sync job's thread outlived its timeout
 def current_job() -> Job[Any] | None:
     """The job being executed in this task or thread (None outside a job)."""
     return _current.get()
+
+
+def stop_requested() -> bool:
+    """True once the engine asked the running job to stop (its timeout passed, ``cancel_job``,
+    shutdown, a lost claim). A long ``def process`` should check it and return: a thread cannot be
+    killed, and the job holds its slot until it returns."""
+    event = _stop.get()
+    return event is not None and event.is_set()
 
 
 class Interrupted(BaseException):
@@ -95,23 +116,46 @@ class Execution:
     """One attempt of one job on this node: its task, its thread (sync jobs) and why the engine
     stopped it, if it did. ``interrupt`` is the only way the engine stops a job."""
 
-    __slots__ = ("claim", "job", "reason", "started", "task", "thread")
+    __slots__ = (
+        "cancelled",
+        "claim",
+        "interruptible",
+        "job",
+        "reason",
+        "running",
+        "started",
+        "stop",
+        "task",
+        "thread",
+    )
 
     def __init__(self, job: Job[Any], claim: datetime) -> None:
         self.job = job
         self.claim = claim
         self.reason: str | None = None
         self.task: asyncio.Task[Any] | None = None
-        self.thread: _BodyThread | None = None
+        self.thread: _Body | None = None
+        self.interruptible = False
+        self.running = False  # the task has taken its first step (before that, cancel() would skip it)
+        self.cancelled = False
         self.started = 0.0
+        self.stop = threading.Event()  # stop_requested() in the job's code
 
     def interrupt(self, reason: str) -> None:
         if self.reason is None or self.reason == TIMEOUT:
             self.reason = reason
-        if self.thread is not None:
+        self.stop.set()
+        if self.thread is not None and self.interruptible:
             self.thread.interrupt()
-        if self.task is not None and not self.task.done():
+        # A task that has not started yet sees ``reason`` at its first step (cancelling it before then
+        # would skip the code that releases its slot).
+        if self.task is not None and self.running and not self.cancelled and not self.task.done():
+            self.cancelled = True  # once: a second cancel would cut short the job's own cleanup
             self.task.cancel()
+
+    def interrupted(self) -> bool:
+        """The engine stopped this job (a timeout is the job's own outcome, not an interrupt)."""
+        return self.reason is not None and self.reason != TIMEOUT
 
     @property
     def body_alive(self) -> bool:
@@ -258,6 +302,9 @@ async def execute(execution: Execution) -> Ack | None:
     """Run the job once and return its ack. Never raises: an engine interrupt (see
     :meth:`Execution.interrupt`) becomes the ack that reason calls for."""
     job, claim = execution.job, execution.claim
+    execution.running = True
+    if execution.interrupted():  # interrupted before it started
+        return interrupted_ack(execution)
     try:
         spec = get_worker(job.worker)
     except UnknownWorker as exc:
@@ -265,6 +312,7 @@ async def execute(execution: Execution) -> Ack | None:
         return failure(job, claim, exc, None, "unknown_worker")
     instance: Any = None
     token = _current.set(job)
+    stop_token = _stop.set(execution.stop)
     try:
         instance = spec.cls()
         job.args = spec.load_args(job.args)
@@ -276,8 +324,8 @@ async def execute(execution: Execution) -> Ack | None:
                 with anyio.fail_after(timeout):
                     outcome = await instance.process(job)
         else:
-            outcome = await _in_thread(execution, instance.process, timeout)
-        if execution.reason is not None:
+            outcome = await _in_thread(execution, instance.process, timeout, spec.interruptible)
+        if execution.interrupted():
             return interrupted_ack(execution)
         if isinstance(outcome, JobControl):
             return _control(job, claim, outcome)
@@ -285,6 +333,7 @@ async def execute(execution: Execution) -> Ack | None:
     except BaseException as exc:
         return _outcome_of(execution, exc, instance)
     finally:
+        _stop.reset(stop_token)
         _current.reset(token)
 
 
@@ -343,87 +392,176 @@ def _uncancel() -> None:
 # -- sync bodies -------------------------------------------------------------------------------------
 
 
-class _BodyThread(threading.Thread):
-    """A sync job body on a daemon thread of its own, so it can be interrupted (and never shares a
-    thread with a later job that an interrupt could hit by mistake)."""
+class _Body:
+    """One sync job body handed to a :class:`_Runner` thread; its outcome comes back on ``future``."""
+
+    __slots__ = ("call", "ctx", "future", "injected", "job", "loop", "requested", "runner")
 
     def __init__(self, call: Any, job: Job[Any], loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(name=f"oban-job-{job.id}", daemon=True)
-        self._call = call
-        self._job = job
-        self._ctx = contextvars.copy_context()
-        self._loop = loop
+        self.call = call
+        self.job = job
+        self.ctx = contextvars.copy_context()
+        self.loop = loop
         self.future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        self._lock = threading.Lock()
-        self._in_body = False
-        self._interrupted = False
+        self.injected = False
+        self.requested = False  # interrupted before its thread picked it up
+        self.runner: _Runner | None = None
 
-    def run(self) -> None:
-        outcome: tuple[bool, Any] | None = None
+    def deliver(self, outcome: tuple[bool, Any]) -> None:
         try:
-            try:
-                with self._lock:
-                    self._in_body = True
-                outcome = (True, self._ctx.run(self._call, self._job))
-            except BaseException as exc:
-                outcome = (False, exc)
-            finally:
-                with self._lock:
-                    self._in_body = False
-        except BaseException as exc:
-            if outcome is None:
-                outcome = (False, exc)
-        try:
-            self._loop.call_soon_threadsafe(_deliver, self.future, outcome)
+            self.loop.call_soon_threadsafe(_deliver, self.future, outcome)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
+    def is_alive(self) -> bool:
+        return not self.future.done()
+
     def interrupt(self) -> None:
-        """Raise :class:`Interrupted` in the body (once), if it is still running."""
-        with self._lock:
-            if not self._in_body or self._interrupted or self.ident is None:
+        if self.runner is not None:
+            self.runner.interrupt(self)
+
+
+class _Runner:
+    """A daemon thread that runs sync job bodies one after another (reused: a thread per job costs
+    ~100 µs). A thread that had :class:`Interrupted` raised in it retires after that job."""
+
+    def __init__(self, pool: _SyncPool) -> None:
+        self.pool = pool
+        self.inbox: queue.SimpleQueue[_Body | None] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.current: _Body | None = None
+        self.retired = False
+        self.thread = threading.Thread(target=self._main, name="oban-sync-job", daemon=True)
+
+    def _main(self) -> None:
+        while not self.retired:
+            try:
+                body = self.inbox.get(timeout=SYNC_IDLE)
+            except queue.Empty:
+                if self.pool.retire_idle(self):
+                    return
+                continue
+            except BaseException:
                 return
-            self._interrupted = True
+            if body is None:
+                return
+            self._run(body)
+            if not self.retired:
+                self.pool.give_back(self)
+
+    def _run(self, body: _Body) -> None:
+        outcome: tuple[bool, Any] | None = None
+        try:
+            try:
+                with self.lock:
+                    self.current = body
+                    if body.requested:
+                        raise Interrupted()
+                outcome = (True, body.ctx.run(body.call, body.job))
+            except BaseException as exc:
+                outcome = (False, exc)
+            finally:
+                with self.lock:
+                    self.current = None
+        except BaseException as exc:
+            if outcome is None:
+                outcome = (False, exc)
+        for _ in range(3):  # an interrupt is raised at most once, so this delivers
+            try:
+                body.deliver(outcome if outcome is not None else (False, Interrupted()))
+                break
+            except BaseException:
+                continue
+
+    def interrupt(self, body: _Body) -> None:
+        """Raise :class:`Interrupted` in ``body`` (once), if this thread is still running it."""
+        with self.lock:
+            if self.current is not body:
+                body.requested = True  # not started yet: it is stopped before it runs
+                return
+            if body.injected or self.thread.ident is None:
+                return
+            body.injected = True
+            self.retired = True
             ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self.ident), ctypes.py_object(Interrupted)
+                ctypes.c_ulong(self.thread.ident), ctypes.py_object(Interrupted)
             )
 
 
-def _deliver(future: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any] | None) -> None:
+class _SyncPool:
+    """Idle :class:`_Runner` threads, most recent first; a new one starts when none is idle."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Runner] = []
+        self._lock = threading.Lock()
+
+    def submit(self, body: _Body) -> None:
+        with self._lock:
+            runner = self._idle.pop() if self._idle else None
+        if runner is None:
+            runner = _Runner(self)
+            runner.thread.start()
+        body.runner = runner
+        runner.inbox.put(body)
+
+    def give_back(self, runner: _Runner) -> None:
+        with self._lock:
+            self._idle.append(runner)
+
+    def retire_idle(self, runner: _Runner) -> bool:
+        """An idle thread timed out: retire it unless it was just handed a body."""
+        with self._lock:
+            if runner in self._idle:
+                self._idle.remove(runner)
+                return True
+            return False
+
+
+SYNC_IDLE = 60.0
+_pool = _SyncPool()
+
+
+def _deliver(future: asyncio.Future[tuple[bool, Any]], outcome: tuple[bool, Any]) -> None:
     if not future.done():
-        future.set_result(outcome if outcome is not None else (False, Interrupted()))
+        future.set_result(outcome)
 
 
-async def _in_thread(execution: Execution, call: Any, limit: float | None) -> Any:
-    """Run ``call(job)`` on its own thread; wait for it to really end, even when cancelled."""
-    thread = _BodyThread(call, execution.job, asyncio.get_running_loop())
-    execution.thread = thread
-    thread.start()
+async def _in_thread(execution: Execution, call: Any, limit: float | None, interruptible: bool) -> Any:
+    """Run ``call(job)`` on a thread; wait for it to really end, even when cancelled or timed out.
+
+    At a timeout or an interrupt the job is asked to stop (``stop_requested()``), and for an
+    ``interruptible`` worker :class:`Interrupted` is raised in its thread. Either way its claim and
+    slot are held until the thread returns.
+    """
     loop = asyncio.get_running_loop()
+    body = _Body(call, execution.job, loop)
+    execution.thread = body
+    execution.interruptible = interruptible
+    _pool.submit(body)
     deadline = None if limit is None else loop.time() + limit
-    while not thread.future.done():
+    while not body.future.done():
         try:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            await asyncio.wait_for(asyncio.shield(thread.future), remaining)
+            await asyncio.wait_for(asyncio.shield(body.future), remaining)
         except asyncio.TimeoutError:
             if execution.reason is None:
                 execution.reason = TIMEOUT
                 log.warning(
-                    "job %s (%s) outlived its timeout of %ss; interrupting its thread, which keeps the job's "
-                    "slot until it returns",
+                    "job %s (%s) outlived its timeout of %ss; it keeps its slot until its thread returns",
                     execution.job.id,
                     execution.job.worker,
                     limit,
                     extra={"job_id": execution.job.id, "worker": execution.job.worker},
                 )
-            thread.interrupt()
+            execution.stop.set()
+            if interruptible:
+                body.interrupt()
             deadline = None
         except asyncio.CancelledError:
-            # The engine stopped the job (interrupt() already raised Interrupted in the thread). The
-            # body may not stop at once: wait for it, so its claim and slot are held until it ends.
+            # The engine stopped the job (interrupt() already asked it to stop). The body may not stop
+            # at once: wait for it, so its claim and slot are held until it ends.
             _uncancel()
-            thread.interrupt()
-    ok, value = thread.future.result()
+    ok, value = body.future.result()
     if execution.reason == TIMEOUT:
         raise TimeoutError(f"timed out after {limit}s")
     if not ok:

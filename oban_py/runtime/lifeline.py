@@ -35,6 +35,7 @@ log = logging.getLogger("oban_py.node")
 
 WATCH_INTERVAL = 0.25
 BLOCKED_AFTER = 1.0
+MAX_LINGER = 3600.0
 
 
 def find_blocker(thread_id: int) -> tuple[Execution | None, str]:
@@ -63,7 +64,7 @@ class Lifeline:
         interval: float,
         rescue_after: float,
         stall_limit: float,
-        meta: Callable[[], str | None],
+        meta: Callable[[], str],
         on_rejoined: Callable[[], None],
     ) -> None:
         self.driver = driver
@@ -85,6 +86,8 @@ class Lifeline:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._linger: Callable[[], bool] | None = None
+        self._linger_since: float | None = None
+        self._sent_meta: str | None = None  # the meta the stored row has
         self._conn: Any = None
         self._down = False
         self._stalled = False
@@ -93,8 +96,10 @@ class Lifeline:
 
     # -- control (main loop) -----------------------------------------------------------------------
 
-    def start(self, first_beat_at: float) -> None:
-        """Start beating (the first heartbeat was written by the node at ``first_beat_at``)."""
+    def start(self, first_beat_at: float, meta: str | None = None) -> None:
+        """Start beating (the first heartbeat, with ``meta``, was written by the node at
+        ``first_beat_at``)."""
+        self._sent_meta = meta
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.last_beat = self.healthy_since = first_beat_at
@@ -127,14 +132,17 @@ class Lifeline:
         next_beat = time.monotonic() + self.interval
         try:
             while True:
-                if self._stop.is_set() and (self._linger is None or self._linger()):
+                if self._stop.is_set() and (self._linger is None or self._lingered()):
                     break
                 now = time.monotonic()
-                self._watch(now)
-                if now >= next_beat:
-                    next_beat = now + self.interval
-                    if self._deserves_beat(now):
-                        await self._beat()
+                try:
+                    self._watch(now)
+                    if now >= next_beat:
+                        next_beat = now + self.interval
+                        if self._deserves_beat(now):
+                            await self._beat()
+                except Exception:  # pragma: no cover - a bug here must not end the heartbeats
+                    log.exception("node %s: lifeline step failed", self.node)
                 await asyncio.sleep(WATCH_INTERVAL)
             if self._linger is not None:
                 log.info("node %s: the last stuck job body ended; deregistering", self.node)
@@ -142,6 +150,15 @@ class Lifeline:
         finally:
             if self._conn is not None:
                 self._conn.terminate()
+
+    def _lingered(self) -> bool:
+        """Done lingering: the stuck bodies ended, their loop is gone (nothing can run them), or an
+        hour has passed (a body that old is treated as dead; other nodes may then rescue its job)."""
+        assert self._linger is not None
+        if self._linger_since is None:
+            self._linger_since = time.monotonic()
+        loop_gone = self._loop is None or self._loop.is_closed()
+        return self._linger() or loop_gone or time.monotonic() - self._linger_since > MAX_LINGER
 
     def _deserves_beat(self, now: float) -> bool:
         """A node whose loop has not turned for ``stall_limit`` no longer counts as alive."""
@@ -206,8 +223,12 @@ class Lifeline:
             # succeeds before the loop's next tick, since the node's jobs may have been rescued.
             self.lapsed = True
         try:
+            text = self.meta()
             rejoined = await self._query(
-                "node_heartbeat", instance=self.instance, node=self.node, meta=self.meta()
+                "node_heartbeat",
+                instance=self.instance,
+                node=self.node,
+                meta=None if text == self._sent_meta else text,  # sent only when it changed
             )
         except Exception as exc:
             self.healthy_since = None
@@ -224,6 +245,7 @@ class Lifeline:
         self.last_beat = sent
         if self.healthy_since is None:
             self.healthy_since = sent
+        self._sent_meta = text if not rejoined else None
         if rejoined and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self.on_rejoined)

@@ -78,7 +78,6 @@ class Node:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._revoked = False
         self._meta_text: str | None = None
-        self._meta_sent: str | None = None
         self.stuck: list[Execution] = []
         self.gate = ClaimGate()
         self.ctx = ProducerContext(
@@ -186,9 +185,8 @@ class Node:
         await self.driver.fetchval(
             "node_heartbeat", instance=self.instance, node=self.name, meta=self._meta_text
         )
-        self._meta_sent = self._meta_text
         await self._refresh_controls()
-        self.lifeline.start(sent)
+        self.lifeline.start(sent, self._meta_text)
         self._tick()
         if self.notifier is not None:
             self.notifier.start()
@@ -226,10 +224,9 @@ class Node:
             self.lifeline.linger(lambda: not any(e.body_alive for e in stuck))
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        deregister = asyncio.ensure_future(asyncio.wait_for(self._deregister(), DEREGISTER_TIMEOUT))
-        await self.lifeline.stop()
+        await self.lifeline.stop()  # first: a heartbeat in flight would re-create the row
         try:
-            await deregister
+            await asyncio.wait_for(self._deregister(), DEREGISTER_TIMEOUT)
         except (DatabaseUnavailable, asyncio.TimeoutError) as exc:
             log.warning("node %s: could not deregister (%s); other nodes will time it out", self.name, exc)
         self.is_leader = False
@@ -318,13 +315,9 @@ class Node:
             }
         )
 
-    def _meta_for_beat(self) -> str | None:
-        """Called from the lifeline's thread: the node meta if it changed since the last heartbeat."""
-        text = self._meta_text
-        if text == self._meta_sent:
-            return None
-        self._meta_sent = text
-        return text
+    def _meta_for_beat(self) -> str:
+        """Read from the lifeline's thread: the node meta, as last computed on the loop."""
+        return self._meta_text or "{}"
 
     def _tick(self) -> None:
         """A timer on the event loop: tells the lifeline the loop turns, and stops this node's jobs when
@@ -359,7 +352,6 @@ class Node:
         if not self._started:
             return
         running = sum(p.revoke() for p in self.producers.values())
-        self._meta_sent = None  # the row was re-created: send the full meta again
         log.warning(
             "node %s had been presumed dead (no heartbeat for %ss); its %d running job(s) were stopped, as "
             "they may have been rescued and run elsewhere",
@@ -408,15 +400,26 @@ class Node:
 
     async def _reconcile(self) -> None:
         """Put back jobs claimed by this node that none of its producers holds: the claims of a fetch
-        whose reply was lost. Runs alone (no cycle in flight), so every real claim is held somewhere."""
-        async with self.gate.exclusive():
-            known = [i for p in self.producers.values() for i in p.held()]
-            rows = await self.driver.transition("job_release_unknown", instance=self.instance, known=known)
-        if rows:
-            log.info(
-                "put back %d job(s) claimed by an interrupted fetch", len(rows), extra={"node": self.name}
-            )
-            self._after_transition(rows)
+        whose reply was lost. Runs alone (no cycle in flight), so every real claim is held somewhere.
+        A cheap ungated look first: the gate closes only when there is something to put back."""
+        claimed = {r["id"] for r in await self.driver.fetch("job_claims_of", instance=self.instance)}
+        if claimed - {i for p in self.producers.values() for i in p.held()}:
+            async with self.gate.exclusive():
+                known = [i for p in self.producers.values() for i in p.held()]
+                rows = await self.driver.transition(
+                    "job_release_unknown", instance=self.instance, known=known
+                )
+            if rows:
+                log.info(
+                    "put back %d job(s) claimed by an interrupted fetch", len(rows), extra={"node": self.name}
+                )
+                self._after_transition(rows)
+        # A cancel whose interrupt NOTIFY was missed (the notifier was reconnecting, or notifier =
+        # "poll") still stops the job.
+        for row in await self.driver.fetch("job_cancel_requested", instance=self.instance):
+            for producer in self.producers.values():
+                if producer.interrupt(row["id"], "cancelled"):
+                    break
 
     async def _stage(self) -> None:
         rows = await self.driver.transition(

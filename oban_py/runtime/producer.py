@@ -58,7 +58,7 @@ CYCLE_DEADLINE = 15.0
 INTERRUPT_GRACE = 3.0
 # Then the last acks get this long to be written (a database that cannot be reached does not hold
 # shutdown up: the jobs stay executing and are rescued).
-FLUSH_TIMEOUT = 2.0
+FLUSH_TIMEOUT = 3.0
 _timeout: Any = getattr(asyncio, "timeout", None)
 
 
@@ -295,8 +295,9 @@ class Producer:
                 "queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay, extra=extra
             )
         if self._stopping and self._backoff.failures > 20:
+            # Give up on the acks (the jobs are rescued); running jobs are stop()'s to handle.
             self._acks.clear()
-            self._running.clear()
+            self._detached = True
             return
         await asyncio.sleep(delay)
         self._wake.set()
@@ -348,12 +349,19 @@ class Producer:
                     raise
                 self._riding = True
                 self.completed += len(riding)
+                # Stopping, or the lease ran out while the fetch was in flight (the claims may already
+                # be rescued elsewhere): hand the claims straight back instead of running them.
+                give_back = self._stopping or not self.ctx.may_claim()
                 for row in rows:
                     kind = row["kind"]
                     if kind == "parked":
                         parked.append(row["id"])
                     elif kind == "skipped":
                         self.ctx.spawn(_on_skip(job_from_record(row)))
+                    elif give_back:
+                        back = Ack(row["id"], row["attempted_at"], "available", 0.0, attempt_delta=-1)
+                        self._acks.append(back)
+                        self._wake.set()
                     else:
                         self._launch(row)
                         if row["parked"]:

@@ -8,38 +8,35 @@
 -- a no-op: once the job was rescued or claimed again, the claim time no longer matches.
 -- Rows that re-enter their unique group (a snooze into the `scheduled` group, for one) come back
 -- flagged `parked` so the caller can try to take their key back. A job whose cancel was requested
--- while it ran is cancelled rather than retried, snoozed or returned to the queue.
-WITH input AS (
+-- while it ran is cancelled rather than retried, snoozed, discarded or returned to the queue: the
+-- request is read from the row as updated (`j.meta`), so a cancel that commits while this waits on
+-- the row lock is seen.
+WITH a AS (
     SELECT *
     FROM unnest(:ids::bigint[], :claims::timestamptz[], :states::text[], :delays::float8[],
                 :errors::text[], :results::text[], :metas::text[], :attempt_deltas::smallint[])
          AS a(id, claim, state, delay, error, result, meta, attempt_delta)
-),
-a AS (
-    SELECT i.id, i.claim,
-           CASE WHEN c.meta ? 'cancel_requested' AND i.state IN ('retryable', 'scheduled', 'available')
-                THEN 'cancelled' ELSE i.state END AS state,
-           CASE WHEN c.meta ? 'cancel_requested' AND i.state IN ('retryable', 'scheduled', 'available')
-                THEN NULL ELSE i.delay END AS delay,
-           i.error, i.result, i.meta,
-           CASE WHEN c.meta ? 'cancel_requested' AND i.state = 'available' THEN 0
-                ELSE i.attempt_delta END AS attempt_delta
-    FROM input AS i JOIN __prefix__.oban_jobs AS c ON c.id = i.id
-    ORDER BY i.id
+    ORDER BY a.id
 )
 UPDATE __prefix__.oban_jobs AS j SET
-    state = a.state::__prefix__.oban_job_state,
+    state = CASE WHEN j.meta ? 'cancel_requested' AND a.state IN ('retryable', 'scheduled', 'available', 'discarded')
+                 THEN 'cancelled' ELSE a.state END::__prefix__.oban_job_state,
     completed_at = CASE WHEN a.state = 'completed' THEN now() ELSE j.completed_at END,
-    cancelled_at = CASE WHEN a.state = 'cancelled' THEN now() ELSE j.cancelled_at END,
-    discarded_at = CASE WHEN a.state = 'discarded' THEN now() ELSE j.discarded_at END,
-    scheduled_at = CASE WHEN a.delay IS NULL THEN j.scheduled_at
+    cancelled_at = CASE WHEN a.state = 'cancelled' OR (j.meta ? 'cancel_requested' AND a.state <> 'completed')
+                        THEN now() ELSE j.cancelled_at END,
+    discarded_at = CASE WHEN a.state = 'discarded' AND NOT j.meta ? 'cancel_requested' THEN now()
+                        ELSE j.discarded_at END,
+    scheduled_at = CASE WHEN a.delay IS NULL OR j.meta ? 'cancel_requested' THEN j.scheduled_at
                         ELSE now() + make_interval(secs => a.delay) END,
     errors = CASE WHEN a.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(a.error::jsonb) END,
     result = COALESCE(a.result::jsonb, j.result),
     meta = CASE WHEN a.meta IS NULL THEN j.meta ELSE j.meta || a.meta::jsonb END,
     attempt = j.attempt + a.attempt_delta,
-    claimed_by = CASE WHEN a.state = 'available' THEN NULL ELSE j.claimed_by END,
-    unique_states = __prefix__.oban_unique_next(j.unique_states, j.state, a.state::__prefix__.oban_job_state)
+    claimed_by = CASE WHEN a.state = 'available' AND NOT j.meta ? 'cancel_requested' THEN NULL
+                      ELSE j.claimed_by END,
+    unique_states = __prefix__.oban_unique_next(j.unique_states, j.state,
+        (CASE WHEN j.meta ? 'cancel_requested' AND a.state IN ('retryable', 'scheduled', 'available', 'discarded')
+              THEN 'cancelled' ELSE a.state END)::__prefix__.oban_job_state)
 FROM a
 WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.claim
 RETURNING j.id, (j.unique_states & 128 <> 0) AS parked
@@ -315,13 +312,21 @@ RETURNING j.id, j.state::text AS state, j.queue, j.worker, j.args::text AS args,
 -- Put back every job this node claimed but none of its producers holds (a fetch whose reply was lost),
 -- as if the claim never happened. The node runs it only while no producer cycle is in flight, so
 -- `known` covers every claim a producer has seen: another producer's fresh claims are never touched.
+-- One whose cancel was requested meanwhile is cancelled instead.
 UPDATE __prefix__.oban_jobs AS j SET
-    state = 'available',
+    state = CASE WHEN j.meta ? 'cancel_requested' THEN 'cancelled' ELSE 'available' END::__prefix__.oban_job_state,
+    cancelled_at = CASE WHEN j.meta ? 'cancel_requested' THEN now() ELSE j.cancelled_at END,
     attempt = greatest(j.attempt - 1, 0),
     claimed_by = NULL,
-    unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing', 'available')
-WHERE j.state = 'executing' AND j.claimed_by = :instance AND j.id <> ALL(:known::bigint[])
+    unique_states = __prefix__.oban_unique_next(j.unique_states, 'executing',
+        CASE WHEN j.meta ? 'cancel_requested' THEN 'cancelled' ELSE 'available' END::__prefix__.oban_job_state)
+WHERE j.state = 'executing' AND j.claimed_by = :instance
+  AND NOT EXISTS (SELECT 1 FROM unnest(:known::bigint[]) AS k(id) WHERE k.id = j.id)
 RETURNING j.id, j.queue, (j.unique_states & 128 <> 0) AS parked
+
+-- name: job_claims_of
+-- Ids of the jobs this node has claimed (executing), to compare with what its producers hold.
+SELECT j.id FROM __prefix__.oban_jobs AS j WHERE j.state = 'executing' AND j.claimed_by = :instance
 
 -- name: job_stage
 -- Scheduled and retryable jobs whose time has come become available. Every node runs this; SKIP LOCKED
@@ -480,6 +485,7 @@ UPDATE __prefix__.oban_jobs AS j SET
     scheduled_at = now(),
     completed_at = NULL, cancelled_at = NULL, discarded_at = NULL,
     max_attempts = greatest(j.max_attempts, j.attempt + 1),
+    meta = j.meta - 'cancel_requested',  -- a cancel request was for the attempt it ended
     unique_states = CASE WHEN j.unique_group IS NULL
                          THEN __prefix__.oban_unique_next(j.unique_states, t.was, 'available') & ~128
                          ELSE j.unique_group END,
