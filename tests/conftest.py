@@ -130,7 +130,12 @@ async def make_oban(test_dsn: str, prefix: str) -> AsyncIterator[Callable[..., A
 
     yield factory
     for oban in reversed(started):
-        await oban.stop(shutdown_timeout=1.0)
+        try:
+            await asyncio.wait_for(oban.stop(shutdown_timeout=1.0), 60.0)
+        except asyncio.TimeoutError:  # a stop that hangs is a bug: fail the test, show what waits
+            for task in asyncio.all_tasks():
+                task.print_stack()
+            raise AssertionError(f"Oban {oban.name!r} did not stop within 60 s") from None
 
 
 @pytest.fixture

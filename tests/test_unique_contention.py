@@ -14,6 +14,8 @@ import pytest
 
 from oban_py import Job, Oban, worker
 
+from helpers import wait_for
+
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 PROCESSES = 8
@@ -92,12 +94,15 @@ async def test_holder_in_an_open_transaction(
         started = asyncio.Event()
         children = asyncio.create_task(run_children(test_dsn, prefix, tmp_path, started))
         await started.wait()
-        await asyncio.sleep(1.5)  # the children run into our uncommitted keys and wait on them
-        blocked = await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-        )
-        assert blocked > 0
+
+        async def blocked() -> bool:  # the children run into our uncommitted keys and wait on them
+            n = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return bool(n)
+
+        await wait_for(blocked, timeout=30)
         await (tx.commit() if outcome == "commit" else tx.rollback())
         outputs = await children
     finally:

@@ -110,8 +110,11 @@ class Leases:
             if failed or _cancelling(raw):
                 # Never wait on the network for a connection that failed: a cancel still in flight on a
                 # black-holed socket would hold the release (and its caller) forever. Close it here;
-                # the pool opens a fresh one when it needs one.
+                # terminating hands its holder back to the pool, which opens a fresh one when needed.
                 raw.terminate()
+                self._out -= 1
+                self._wake()
+                return
             # The pool rolls back a dirty connection and replaces a broken one.
             await self._give_back(conn)
             return

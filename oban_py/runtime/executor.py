@@ -58,7 +58,9 @@ log = logging.getLogger("oban_py.job")
 _current: contextvars.ContextVar[Job[Any] | None] = contextvars.ContextVar(
     "oban_py_current_job", default=None
 )
-_stop: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("oban_py_stop", default=None)
+_execution: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
+    "oban_py_execution", default=None
+)
 MAX_TRACEBACK = 16_000
 MAX_MESSAGE = 4_000
 MAX_RESULT_BYTES = 8 * 1024 * 1024
@@ -82,8 +84,8 @@ def stop_requested() -> bool:
     """True once the engine asked the running job to stop (its timeout passed, ``cancel_job``,
     shutdown, a lost claim). A long ``def process`` should check it and return: a thread cannot be
     killed, and the job holds its slot until it returns."""
-    event = _stop.get()
-    return event is not None and event.is_set()
+    execution = _execution.get()
+    return execution is not None and execution.reason is not None
 
 
 class Interrupted(BaseException):
@@ -124,7 +126,6 @@ class Execution:
         "reason",
         "running",
         "started",
-        "stop",
         "task",
         "thread",
     )
@@ -139,12 +140,10 @@ class Execution:
         self.running = False  # the task has taken its first step (before that, cancel() would skip it)
         self.cancelled = False
         self.started = 0.0
-        self.stop = threading.Event()  # stop_requested() in the job's code
 
     def interrupt(self, reason: str) -> None:
         if self.reason is None or self.reason == TIMEOUT:
             self.reason = reason
-        self.stop.set()
         if self.thread is not None and self.interruptible:
             self.thread.interrupt()
         # A task that has not started yet sees ``reason`` at its first step (cancelling it before then
@@ -312,7 +311,7 @@ async def execute(execution: Execution) -> Ack | None:
         return failure(job, claim, exc, None, "unknown_worker")
     instance: Any = None
     token = _current.set(job)
-    stop_token = _stop.set(execution.stop)
+    execution_token = _execution.set(execution)
     try:
         instance = spec.cls()
         job.args = spec.load_args(job.args)
@@ -333,7 +332,7 @@ async def execute(execution: Execution) -> Ack | None:
     except BaseException as exc:
         return _outcome_of(execution, exc, instance)
     finally:
-        _stop.reset(stop_token)
+        _execution.reset(execution_token)
         _current.reset(token)
 
 
@@ -553,7 +552,6 @@ async def _in_thread(execution: Execution, call: Any, limit: float | None, inter
                     limit,
                     extra={"job_id": execution.job.id, "worker": execution.job.worker},
                 )
-            execution.stop.set()
             if interruptible:
                 body.interrupt()
             deadline = None

@@ -47,6 +47,7 @@ class Periodic:
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self._down = False
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
@@ -57,17 +58,21 @@ class Periodic:
         self._kick.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        while not task.done():
+            # Again if need be: before Python 3.12, asyncio.wait_for can swallow a cancel that lands
+            # just as its inner await completes, and the loop would go on (stop() would never return).
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped with an error", self.name, exc_info=task.exception())
 
     async def _loop(self) -> None:
         first = True
-        while True:
+        while not self._stopping:
             if not (first and self.run_at_start):
                 delay = self.interval * random.uniform(1 - self.jitter, 1 + self.jitter)
                 try:
