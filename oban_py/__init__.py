@@ -9,7 +9,7 @@ from ._version import __version__
 from .config import Config, QueueConfig, load_config
 from .job import Cancel, Job, JobState, Record, Snooze
 from .oban import Oban
-from .runtime.executor import Interrupted, current_job, stop_requested
+from .runtime.execution import Interrupted, current_job, stop_requested
 from .unique import UniqueOptions
 from .worker import Worker, job, worker
 

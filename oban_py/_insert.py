@@ -18,53 +18,48 @@ The unique path, per chunk:
 Unique rows are sent in key order in every round, and every statement that locks several rows locks
 them in (key, id) order, so concurrent batches, replaces and cancels take keys in one order. A round
 after the first can still revisit a lower key, so a deadlock is possible in principle: when the whole
-transaction is ours, it is run again (``retry_deadlocks``) instead of surfacing.
+transaction is ours, it is run again (``db.retry.retry_deadlocks``) instead of surfacing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
-import logging
-import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-import asyncpg
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from . import _json
+from .db.retry import retry_deadlocks
 from .db.rows import job_from_record
 from .errors import ObanError, UnknownWorker, ValidationError
 from .job import Job, JobState
 from .limits import KeyedLimit, LimitOptions, resolve_limit
 from .unique import STATE_BITS, UniqueOptions, UniqueSpec, resolve_unique
-from .worker import (
-    MAX_ATTEMPTS_LIMIT,
-    WorkerSpec,
-    get_worker,
+from .validation import (
+    validate_args,
+    validate_max_attempts,
+    validate_meta,
+    validate_priority,
     validate_queue,
     validate_scheduled_at,
     validate_tags,
     validate_worker_name,
 )
+from .worker_spec import WorkerSpec, get_worker
 
 if TYPE_CHECKING:
     from .db.driver import Driver
+    from .db.query_names import ManyQuery
 
-__all__ = ["insert_jobs", "retry_deadlocks"]
+__all__ = ["insert_jobs"]
 
 DEFAULT_CHUNK = 5_000
 DEFAULT_MAX_ARGS_BYTES = 1024 * 1024
-DEADLOCK_RETRIES = 5
 _MAX_ROUNDS = 20
 _STATES = {s.value: s for s in JobState}
 _INSERT_BITS = STATE_BITS["scheduled"] | STATE_BITS["available"]
-T = TypeVar("T")
-log = logging.getLogger("oban_py")
 
 
 @dataclass
@@ -79,7 +74,7 @@ class _Session:
     conn: Any
     retry: bool
 
-    async def fetch(self, query: str, /, **params: Any) -> list[Any]:
+    async def fetch(self, query: ManyQuery, /, **params: Any) -> list[Any]:
         if not self.retry:
             return await self.driver.fetch(query, self.conn, **params)
         return await retry_deadlocks(lambda: self.driver.fetch(query, self.conn, **params))
@@ -92,34 +87,26 @@ class _Item:
     args: str
     meta: str
     tags: str
+    #: The tags as stored (stripped, deduplicated): what the inserted job reports back.
+    tag_list: list[str]
     unique: UniqueSpec | None
     limit: KeyedLimit | None = None
     result: Job[Any] | None = None
 
 
 def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
+    """Check ``job`` with the rules ``Worker.new`` used (it may be hand-built, or changed since)."""
     if not isinstance(job, Job):
         raise ValidationError(f"jobs[{index}]", job, "must be a Job (build one with Worker.new(...))")
     worker = validate_worker_name(job.worker)
     validate_queue(job.queue, worker=worker)
-    if isinstance(job.priority, bool) or not isinstance(job.priority, int) or not 0 <= job.priority <= 9:
-        raise ValidationError("priority", job.priority, "must be an integer from 0 to 9", worker=worker)
-    ma = job.max_attempts
-    if isinstance(ma, bool) or not isinstance(ma, int) or not 1 <= ma <= MAX_ATTEMPTS_LIMIT:
-        raise ValidationError(
-            "max_attempts", ma, f"must be an integer from 1 to {MAX_ATTEMPTS_LIMIT}", worker=worker
-        )
+    validate_priority(job.priority, worker)
+    validate_max_attempts(job.max_attempts, worker)
     if job.scheduled_at is not None:
-        validate_scheduled_at(job.scheduled_at, worker=worker)
-    args = job.args
-    if isinstance(args, BaseModel):
-        args = args.model_dump(mode="json")
-    if not isinstance(args, Mapping):
-        raise ValidationError("args", args, "must be a dict", worker=worker)
-    if not isinstance(job.meta, Mapping):
-        raise ValidationError("meta", job.meta, "must be a dict", worker=worker)
-    tags: Any = job.tags
-    validate_tags(tags, worker=worker)
+        validate_scheduled_at(job.scheduled_at, worker)
+    args = validate_args(job.args, worker)
+    validate_meta(job.meta, worker)
+    tags = validate_tags(job.tags, worker)
     args_text, canonical = _json.encode_checked(args, "args", limit=max_bytes, worker=worker)
     meta_text = _json.encode(job.meta, "meta", limit=max_bytes, worker=worker) if job.meta else "{}"
     try:
@@ -144,8 +131,8 @@ def _prepare(index: int, job: Job[Any], max_bytes: int) -> _Item:
             limit_options = LimitOptions.parse(limit_options, worker=worker)
         if limit_options is not None:
             limit = resolve_limit(limit_options, job, args, worker_cls=worker_cls)
-    tags_text = json.dumps(list(tags)) if tags else "[]"
-    return _Item(index, job, args_text, meta_text, tags_text, unique, limit)
+    tags_text = json.dumps(tags) if tags else "[]"
+    return _Item(index, job, args_text, meta_text, tags_text, tags, unique, limit)
 
 
 def _columns(items: Sequence[_Item], *, plain: bool = False) -> dict[str, list[Any]]:
@@ -174,7 +161,7 @@ def _columns(items: Sequence[_Item], *, plain: bool = False) -> dict[str, list[A
 
 
 #: The fields of an input job that _mark_inserted sets.
-_MARKED = ("id", "state", "inserted_at", "scheduled_at", "attempt", "conflicted", "unique_key")
+_MARKED = ("id", "state", "inserted_at", "scheduled_at", "attempt", "conflicted", "unique_key", "tags")
 
 
 def _mark_inserted(item: _Item, row: Any) -> None:
@@ -186,6 +173,7 @@ def _mark_inserted(item: _Item, row: Any) -> None:
     job.attempt = 0
     job.conflicted = False
     job.unique_key = item.unique.key if item.unique else None
+    job.tags = list(item.tag_list)
     item.result = job
 
 
@@ -200,7 +188,7 @@ async def _insert_round(s: _Session, items: list[_Item]) -> list[_Item]:
             queue=it.job.queue,
             args=it.args,
             meta=it.meta,
-            tags=list(it.job.tags),
+            tags=it.tag_list,
             priority=it.job.priority,
             max_attempts=it.job.max_attempts,
             scheduled_at=it.job.scheduled_at,
@@ -396,31 +384,6 @@ async def _execute(s: _Session, items: list[_Item], chunk: int) -> None:
                 break
             await _replace(s, steps, holders)
             steps = {}
-
-
-def _deadlocked(exc: BaseException) -> bool:
-    """True for a deadlock the server broke by aborting us (raw, or mapped to DatabaseUnavailable)."""
-    return isinstance(exc, asyncpg.DeadlockDetectedError) or isinstance(
-        exc.__cause__, asyncpg.DeadlockDetectedError
-    )
-
-
-async def retry_deadlocks(run: Callable[[], Awaitable[T]], *, retries: int = DEADLOCK_RETRIES) -> T:
-    """``run()``, run again (up to ``retries`` times, after a short random pause) when it deadlocks.
-
-    Only for work that is a whole transaction of our own (a statement on a pooled connection, or a
-    transaction we opened): the server rolled it back entirely, so running it again is safe. Rows are
-    locked in one order everywhere, so a deadlock is rare; this is the last line of defence.
-    """
-    for attempt in range(retries + 1):
-        try:
-            return await run()
-        except Exception as exc:
-            if attempt == retries or not _deadlocked(exc):
-                raise
-            log.info("deadlock (%s); running it again", exc, extra={"attempt": attempt + 1})
-            await asyncio.sleep(random.uniform(0.005, 0.02 * 2**attempt))
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def insert_jobs(

@@ -21,7 +21,7 @@ from pydantic import ValidationError as PydanticValidationError
 from ._secrets import Dsn
 from .errors import ConfigError
 from .limits import RateLimit
-from .worker import validate_queue
+from .validation import MAX_GLOBAL_LIMIT, MAX_LOCAL_LIMIT, first_problem, validate_queue_pattern
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,14 +38,10 @@ def _pattern(value: str, field: str) -> str:
     """A queue name, or a prefix pattern ending in ``*``."""
     if not isinstance(value, str):
         raise ValueError(f"{field}: a queue name must be a string, not {type(value).__name__}")
-    name = value[:-1] if value.endswith("*") else value
-    if value == "*":
-        return value
     try:
-        validate_queue(name, field=field)
-    except ValueError as exc:
+        return validate_queue_pattern(value, field=field)
+    except ValueError as exc:  # our ValidationError, as the plain ValueError pydantic reports
         raise ValueError(str(exc)) from None
-    return value
 
 
 class QueueConfig(BaseModel):
@@ -54,11 +50,11 @@ class QueueConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Jobs this node runs at once from the queue (or selection).
-    limit: int = Field(default=10, ge=1, le=10_000)
+    limit: int = Field(default=10, ge=1, le=MAX_LOCAL_LIMIT)
     #: Start paused (a pause/resume made at runtime is stored in the database and wins).
     paused: bool = False
     #: Running jobs of the queue across every node.
-    global_limit: int | None = Field(default=None, ge=1, le=100_000)
+    global_limit: int | None = Field(default=None, ge=1, le=MAX_GLOBAL_LIMIT)
     #: At most ``allowed`` starts per ``period`` seconds across every node (optionally ``by`` partition).
     rate_limit: RateLimit | None = None
     #: An ordered selection instead of one queue: names or ``prefix*`` patterns, drained in order.
@@ -241,17 +237,13 @@ def build_config(layers: list[tuple[str, Mapping[str, Any]]]) -> Config:
     try:
         return Config.model_validate(merged)
     except PydanticValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        top = loc[0] if loc else ""
-        key = ".".join(loc) or "config"
-        bad: Any = merged.get(top) if top else None
-        for part in loc[1:]:
-            bad = bad.get(part) if isinstance(bad, Mapping) else bad
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(message, key=key, value=bad, source=origin.get(top, "config")) from None
+        problem = first_problem(exc, merged, unknown="unknown key")
+        top = str(problem.loc[0]) if problem.loc else ""
+        # A cross-key error (no location) has no one value to show: the merged config is not it.
+        bad = problem.value if problem.loc else None
+        raise ConfigError(
+            problem.reason, key=problem.field() or "config", value=bad, source=origin.get(top, "config")
+        ) from None
 
 
 def load_config(

@@ -157,7 +157,8 @@ class JobNotFound(ObanError, LookupError):
 
 
 class InstanceNotFound(ObanError, LookupError):
-    """``Worker.enqueue`` was called with no running :class:`Oban` instance to insert through."""
+    """``Worker.enqueue`` (or a ``@job`` function's) found no started :class:`Oban` instance of the
+    worker's ``oban=`` name (or the default) to insert through."""
 
 
 class DatabaseUnavailable(ObanError, ConnectionError):

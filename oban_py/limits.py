@@ -33,24 +33,12 @@ from . import _json
 from ._paths import MISSING, lookup, worker_hook
 from .errors import LimitOptionsError
 from .job import Job
+from .validation import first_problem
 
 __all__ = ["KeyedLimit", "LimitOptions", "RateLimit", "resolve_limit"]
 
 MAX_KEY_TEXT = 200
 _PATH = re.compile(r"^[^.]+(\.[^.]+)*$")
-
-
-def _first_error(
-    exc: PydanticValidationError, prefix: str, data: Any, worker: str | None
-) -> LimitOptionsError:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-    field = f"{prefix}.{loc}" if loc else prefix
-    value = data.get(str(err["loc"][0])) if err["loc"] and isinstance(data, Mapping) else err.get("input")
-    message = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown option"
-    return LimitOptionsError(field, value, message, worker=worker)
 
 
 class LimitOptions(BaseModel):
@@ -93,10 +81,14 @@ class LimitOptions(BaseModel):
             raise LimitOptionsError(
                 field, value, "must be a dict of options (key, to, group, on_conflict)", worker=worker
             )
+        data = dict(value)
         try:
-            return cls.model_validate(dict(value))
+            return cls.model_validate(data)
         except PydanticValidationError as exc:
-            raise _first_error(exc, field, value, worker) from None
+            problem = first_problem(exc, data)
+            raise LimitOptionsError(
+                problem.field(field, indexes=False), problem.value, problem.reason, worker=worker
+            ) from None
 
     @classmethod
     def parse_solo(cls, value: Any, *, worker: str | None = None) -> LimitOptions | None:

@@ -19,26 +19,29 @@ import asyncio
 import json
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import asyncpg
 
-from . import _insert
+from . import _insert, instances, job_control
 from ._secrets import masked_dsn
 from .config import Config, build_config, env_settings, load_config
+from .db import parking
 from .db.connect import create_pool
 from .db.driver import Driver
 from .db.lease import Leases
 from .db.migrate import current_version, latest_version, migrate, rollback
 from .db.rows import job_from_record
-from .errors import JobNotFound, LimitOptionsError, MigrationError, ObanError, UniqueConflict
+from .errors import JobNotFound, LimitOptionsError, MigrationError, ObanError
 from .job import Job
 from .overview import Overview, overview
-from .runtime.executor import Execution, execute
+from .runtime.drain import drain
+from .runtime.events import Events
 from .runtime.node import Node
-from .worker import spec_for, validate_queue
+from .runtime.queues import QueueState
+from .validation import validate_queue, validate_queue_limits, validate_queue_pattern
+from .worker import spec_for
 
 __all__ = ["Oban", "resolve_dsn"]
 
@@ -56,9 +59,6 @@ def resolve_dsn(config: Config) -> tuple[str, bool]:
 
 class Oban:
     """An engine instance: a connection pool, optionally queues running in this process."""
-
-    # Started instances by name; the latest started one of a name answers until it stops.
-    _instances: ClassVar[dict[str, list[Oban]]] = {}
 
     def __init__(
         self,
@@ -88,6 +88,9 @@ class Oban:
         self.pool: asyncpg.Pool | None = pool
         self._driver: Driver | None = None
         self.node: Node | None = None
+        #: In-process events of this instance (see :mod:`oban_py.runtime.events`): subscribe, or
+        #: ``await oban.events.next(name)`` instead of sleeping in a test.
+        self.events = Events()
         self._started = False
         self._lock = asyncio.Lock()
         self._stuck: list[int] = []
@@ -103,15 +106,12 @@ class Oban:
 
     @classmethod
     def get_instance(cls, name: str | None = None) -> Oban | None:
-        """A started instance by name; ``None`` means "default", or the only one running."""
-        if name is not None:
-            found = cls._instances.get(name)
-            return found[-1] if found else None
-        if cls._instances.get("default"):
-            return cls._instances["default"][-1]
-        if len(cls._instances) == 1:
-            return next(iter(cls._instances.values()))[-1]
-        return None
+        """A started instance by name; ``None`` means "default", or the only one running.
+
+        The latest started instance of a name answers until it stops (see :mod:`oban_py.instances`).
+        """
+        found = instances.lookup(name)
+        return found if isinstance(found, Oban) else None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -154,14 +154,26 @@ class Oban:
                 else:
                     await self._check_schema()
                 if self.config.queues:
-                    self.node = Node(self._driver, self.config)
+                    self.node = Node(self._driver, self.config, events=self.events)
                     await self.node.start()
             except BaseException:
                 await self._close_pool()
                 raise
             self._started = True
-            Oban._instances.setdefault(self.name, []).append(self)
+            instances.register(self)
             return self
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this instance's node holds the cluster's leader lease (pruning and sweeps run
+        there)."""
+        return self.node is not None and self.node.is_leader
+
+    def queue_states(self) -> dict[str, QueueState]:
+        """What each queue running in this process is doing now: limit, paused, running jobs, the
+        queues it takes from and their global limits (no database query; ``check_queues`` gives the
+        whole cluster)."""
+        return self.node.queue_states() if self.node is not None else {}
 
     @property
     def stuck_jobs(self) -> list[int]:
@@ -174,11 +186,7 @@ class Oban:
         async with self._lock:
             if not self._started:
                 return
-            stack = Oban._instances.get(self.name, [])
-            if self in stack:
-                stack.remove(self)
-            if not stack:
-                Oban._instances.pop(self.name, None)
+            instances.unregister(self)
             if self.node is not None:
                 await self.node.stop(shutdown_timeout)
                 self._stuck = [e.job.id for e in self.node.stuck if e.job.id is not None]
@@ -262,8 +270,7 @@ class Oban:
         self, worker: Any, args: Any = None, /, *, conn: Any = None, **overrides: Any
     ) -> Job[Any]:
         """Insert a job for a registered worker (class, @job function or name)."""
-        spec = spec_for(worker)
-        return await self.insert(spec.new(args, **overrides), conn=conn)
+        return await spec_for(worker).enqueue(args, overrides, conn=conn, oban=self)
 
     # -- job control ------------------------------------------------------------------------------
 
@@ -284,9 +291,7 @@ class Oban:
         return await self.cancel_jobs([job_id], reason=reason) == 1
 
     async def cancel_jobs(self, job_ids: Iterable[int], *, reason: str | None = None) -> int:
-        ids = [int(i) for i in job_ids]
-        # One statement, a whole transaction of its own: safe to run again if it deadlocks.
-        rows = await _insert.retry_deadlocks(lambda: self.driver.fetch("job_cancel", ids=ids, reason=reason))
+        rows = await job_control.cancel(self.driver, [int(i) for i in job_ids], reason)
         await self._after_control(rows, "cancelled")
         return len(rows)
 
@@ -295,20 +300,20 @@ class Oban:
         return await self.delete_jobs([job_id]) == 1
 
     async def delete_jobs(self, job_ids: Iterable[int]) -> int:
-        rows = await self.driver.fetch("job_delete", ids=[int(i) for i in job_ids])
+        rows = await job_control.delete(self.driver, [int(i) for i in job_ids])
         await self._after_control(rows, "deleted")
         return len(rows)
 
     async def _after_control(self, rows: list[Any], reason: str) -> None:
-        running = [r["id"] for r in rows if r["was"] == "executing"]
-        if running:
-            payload = json.dumps({"kind": "interrupt", "ids": running, "reason": reason})
+        """Stop the jobs that were running (here at once, elsewhere by NOTIFY); settle parked rows."""
+        message = job_control.interrupt_message(rows, reason)
+        if message is not None:
             if self.node is not None:
-                self.node._on_signal(json.loads(payload))
-            await self.driver.notify(self.driver.signal_channel, payload)
+                self.node.apply_signal(message)
+            await self.driver.notify(self.driver.signal_channel, json.dumps(message))
         parked = [r["id"] for r in rows if r.get("parked")]
         if parked:
-            await self.driver.unpark(parked)
+            await parking.unpark(self.driver, parked)
 
     async def retry_job(self, job_id: int) -> bool:
         """Make a finished, scheduled or retryable job available now. False if it was not retryable.
@@ -324,56 +329,7 @@ class Oban:
         another job, released when it started, or past its period, then with a fresh period), and a
         job that would not take it (the ``scheduled`` group) still conflicts with a live holder.
         """
-        ids = [int(i) for i in job_ids]
-
-        async def run() -> list[Any]:
-            async with self.driver.transaction() as conn:
-                rows = await self.driver.fetch("job_retry", conn, ids=ids)
-                blocked = [r for r in rows if r["holder"] is not None]
-                if blocked:  # a duplicate of a live holder, without taking the key: retry none
-                    raise _Rollback(blocked[0])
-                for queue in {r["queue"] for r in rows}:
-                    await self.driver.notify(self.driver.insert_channel, queue, conn)
-            return rows
-
-        try:
-            rows = await _insert.retry_deadlocks(run)
-        except asyncpg.UniqueViolationError:
-            raise await self._retry_conflict(ids) from None
-        except _Rollback as found:
-            raise await self._retry_conflict(ids, blocked=found.args[0]) from None
-        return len(rows)
-
-    async def _retry_conflict(self, ids: list[int], *, blocked: Any = None) -> UniqueConflict:
-        """Which job of a failed retry_jobs collides, and with whom (a rare path: one try per prefix).
-
-        ``blocked``: a job_retry row whose job does not take its key and met a live holder.
-        """
-        if blocked is not None:
-            found = await self.driver.fetch("job_get", ids=[blocked["holder"]])
-            return UniqueConflict(blocked["id"], blocked["holder"], found[0]["state"] if found else None)
-        for k in range(1, len(ids) + 1):
-            try:
-                async with self.driver.transaction() as conn:
-                    rows = await self.driver.fetch("job_retry", conn, ids=ids[:k])
-                    raise _Rollback(next((r for r in rows if r["holder"] is not None), None))
-            except _Rollback as tried:
-                if tried.args[0] is not None:
-                    return await self._retry_conflict(ids, blocked=tried.args[0])
-                continue
-            except asyncpg.UniqueViolationError:
-                # ids[k-1] collides, with an existing holder or with one of ids[:k-1] retried before it.
-                try:
-                    async with self.driver.transaction() as conn:
-                        if k > 1:
-                            await self.driver.fetch("job_retry", conn, ids=ids[: k - 1])
-                        holder = await self.driver.fetchrow("job_unique_holder", conn, id=ids[k - 1])
-                        raise _Rollback(holder)
-                except _Rollback as found:
-                    row = found.args[0] if found.args else None
-                    if row is not None:
-                        return UniqueConflict(ids[k - 1], row["id"], row["state"])
-        return UniqueConflict(ids[0], -1)  # pragma: no cover - the holder vanished meanwhile
+        return await job_control.retry(self.driver, [int(i) for i in job_ids])
 
     # -- queue control ----------------------------------------------------------------------------
 
@@ -386,15 +342,8 @@ class Oban:
         limit: int | None = None,
         global_limit: int | None = None,
     ) -> None:
-        if queue != "*" and not queue.endswith("*"):
-            validate_queue(queue)
-        for field, value, high in (("limit", limit, 10_000), ("global_limit", global_limit, 100_000)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high
-            ):
-                raise LimitOptionsError(field, value, f"must be an integer from 1 to {high}")
-        if limit is not None and global_limit is not None and limit > global_limit:
-            raise LimitOptionsError("limit", limit, f"is above global_limit ({global_limit})")
+        validate_queue_pattern(queue)
+        validate_queue_limits(limit, global_limit)
         await self.driver.execute(
             "queue_control_upsert",
             name=queue,
@@ -407,7 +356,7 @@ class Oban:
             self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue, "node": node})
         )
         if self.node is not None and (node is None or node == self.node.name):
-            await self.node._refresh_controls()
+            await self.node.refresh_controls()
 
     async def pause_queue(self, queue: str, *, node: str | None = None) -> None:
         """Stop fetching from ``queue`` on every node (or one); running jobs finish. Survives restarts."""
@@ -449,57 +398,11 @@ class Oban:
         Returns counts by final state.
         """
         validate_queue(queue)
-        driver = self.driver
-        # The drain registers as a short-lived node of its own: a cluster's rescuer treats jobs claimed
-        # by an unregistered instance as orphans and would run them twice, and a running node's
-        # reconciler puts back claims of its own instance that none of its producers holds.
-        instance = str(uuid.uuid4())
-        name = f"drain:{self.config.node or os.getpid()}"
-        meta = json.dumps({"drain": queue})
-        interval = min(1.0, self.config.heartbeat_interval)
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                await driver.execute("node_heartbeat", instance=instance, node=name, meta=meta)
-
-        await driver.execute("node_heartbeat", instance=instance, node=name, meta=meta)
-        heartbeat = asyncio.create_task(beat())
-        try:
-            return await self._drain(queue, instance, with_scheduled, limit)
-        finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-            await asyncio.shield(driver.execute("node_delete", instance=instance))
-
-    async def _drain(self, queue: str, instance: str, with_scheduled: bool, limit: int) -> dict[str, int]:
-        from .runtime.producer import Target, claim_jobs, write_acks
-
-        driver = self.driver
-        counts: dict[str, int] = {}
-        done = 0
-        while done < limit:
-            if with_scheduled:
-                await driver.execute("job_make_due", queue=queue)
-                await driver.fetch("job_stage", channel=driver.insert_channel, limit=limit)
-            rows = await claim_jobs(driver, None, [Target(queue)], 1, node="drain", instance=instance)
-            if not rows:
-                break
-            for row in rows:
-                if row["kind"] == "skipped":
-                    counts["cancelled"] = counts.get("cancelled", 0) + 1
-                    continue
-                ack = await execute(Execution(job_from_record(row), row["attempted_at"]))
-                if ack is None:
-                    continue
-                async with driver.connection() as conn:
-                    parked = await write_acks(driver, conn, [ack])
-                if parked:
-                    await driver.unpark(parked)
-                counts[ack.state] = counts.get(ack.state, 0) + 1
-                done += 1
-        return counts
-
-
-class _Rollback(Exception):
-    """Raised inside a transaction only to roll it back."""
+        return await drain(
+            self.driver,
+            queue,
+            node=str(self.config.node or os.getpid()),
+            heartbeat_interval=self.config.heartbeat_interval,
+            with_scheduled=with_scheduled,
+            limit=limit,
+        )

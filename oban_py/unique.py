@@ -38,8 +38,10 @@ from pydantic import ValidationError as PydanticValidationError
 
 from . import _json
 from ._paths import MISSING, lookup, worker_hook
+from .db.flags import PARKED as PARKED  # the row flag above the state bits; SQL writes it __parked__
 from .errors import UniqueOptionsError, short_repr
 from .job import Job, JobState
+from .validation import first_problem
 
 __all__ = ["GROUPS", "UniqueOptions", "UniqueSpec", "resolve_unique"]
 
@@ -52,7 +54,6 @@ STATE_BITS: dict[str, int] = {
     "discarded": 32,
     "cancelled": 64,
 }
-PARKED = 128
 UNTIL_START = 256
 #: Longest unique period in seconds (about 100 years): beyond it, ``scheduled_at + period`` overflows
 #: PostgreSQL's interval and timestamp types. ``None`` means no expiry.
@@ -251,18 +252,16 @@ class UniqueOptions(BaseModel):
         try:
             return cls.model_validate(data)
         except PydanticValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
-            field = f"unique.{loc}" if loc else "unique"
-            bad = data.get(str(err["loc"][0]), err.get("input")) if err["loc"] else err.get("input")
-            message = str(err["msg"]).removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = f"unknown unique option; options are {sorted(cls.model_fields)}"
-            elif err["type"] == "literal_error" and loc.startswith("fields"):
-                message = "unknown field; fields are args, queue, worker, meta"
-            elif err["type"] == "literal_error" and loc.startswith("replace"):
-                message = "unknown field; replaceable fields are " + ", ".join(get_args(ReplaceField))
-            raise UniqueOptionsError(field, bad, message, worker=worker) from None
+            problem = first_problem(
+                exc, data, unknown=f"unknown unique option; options are {sorted(cls.model_fields)}"
+            )
+            reason = problem.reason
+            if problem.kind == "literal_error" and problem.loc[0] == "fields":
+                reason = "unknown field; fields are args, queue, worker, meta"
+            elif problem.kind == "literal_error" and problem.loc[0] == "replace":
+                reason = "unknown field; replaceable fields are " + ", ".join(get_args(ReplaceField))
+            field = problem.field("unique", indexes=False)
+            raise UniqueOptionsError(field, problem.value, reason, worker=worker) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,10 +120,12 @@ async def make_oban(test_dsn: str, prefix: str) -> AsyncIterator[Callable[..., A
     """Start Oban instances on this test's schema (stopped at teardown)."""
     started: list[Oban] = []
 
-    async def factory(**options: Any) -> Oban:
+    async def factory(*, before_start: Callable[[Oban], object] | None = None, **options: Any) -> Oban:
         settings = {**FAST, **options}
         settings.setdefault("name", f"test-{len(started)}" if started else "default")
         oban = Oban(test_dsn, prefix=prefix, **settings)
+        if before_start is not None:  # e.g. EventLog.attach: see the events start() emits
+            before_start(oban)
         await oban.start()
         started.append(oban)
         return oban

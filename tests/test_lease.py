@@ -1,4 +1,8 @@
-"""Leases: fast reuse of pooled connections never exceeds its size, starves nobody, leaks nothing."""
+"""Leases: fast reuse of pooled connections never exceeds its size, starves nobody, leaks nothing.
+
+These tests are about :class:`~oban_py.db.lease.Leases` itself, so they read its internals (``_idle``,
+``_waiters``, ``_out``) and asyncpg's (a proxy's ``_con``): there is no public view of them.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from oban_py import Job, Oban, Worker, worker
 from oban_py.db.connect import create_pool
 from oban_py.db.driver import Driver
 from oban_py.db.lease import Leases
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -96,15 +102,15 @@ async def test_dirty_and_broken_connections_go_back_to_the_pool(pool: asyncpg.Po
     pid = await _backends(victim)
     async with pool.acquire() as killer:
         await killer.execute("SELECT pg_terminate_backend($1)", pid)
-    broken: BaseException | None = None
-    for _ in range(100):  # the backend exits a moment after pg_terminate_backend returns
+
+    async def broken() -> BaseException | None:
         try:
             await victim.fetchval("SELECT 1")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as exc:
-            broken = exc
-            break
-        await asyncio.sleep(0.02)
-    assert broken is not None
+            return exc
+        return None
+
+    await wait_for(broken, timeout=2)  # the backend exits a moment after pg_terminate_backend returns
     await leases.release(victim, failed=True)  # broken: handed back for the pool to replace
     fresh = [await leases.acquire() for _ in range(2)]
     assert all([await c.fetchval("SELECT 1") == 1 for c in fresh])
@@ -118,14 +124,14 @@ async def test_cancelled_waiter_does_not_leak_a_slot(pool: asyncpg.Pool) -> None
     leases = Leases(pool, 1)
     holder = await leases.acquire()
     waiter = asyncio.create_task(leases.acquire())
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: len(leases._waiters) == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     # A connection handed to a waiter that is cancelled before it runs is passed on, not lost.
     second = asyncio.create_task(leases.acquire())
     third = asyncio.create_task(leases.acquire())
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(leases._waiters) == 2)
     await leases.release(holder)  # handed to `second`...
     second.cancel()  # ...which is cancelled before it could run
     with pytest.raises(asyncio.CancelledError):
@@ -139,16 +145,21 @@ async def test_cancelled_waiter_does_not_leak_a_slot(pool: asyncpg.Pool) -> None
 
 async def test_a_connection_whose_query_was_cancelled_is_not_reused_as_is(pool: asyncpg.Pool) -> None:
     driver = Driver(pool, leases=Leases(pool, 1))
-    started = asyncio.Event()
+    backend: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def slow() -> None:
         async with driver.connection() as conn:
-            started.set()
+            backend.set_result(await _backends(conn))
             await conn.execute("SELECT pg_sleep(5)")
 
+    async def sleeping(pid: int) -> bool:
+        async with pool.acquire() as other:
+            query = "SELECT query FROM pg_stat_activity WHERE pid = $1 AND state = 'active'"
+            return await other.fetchval(query, pid) == "SELECT pg_sleep(5)"
+
     task = asyncio.create_task(slow())
-    await started.wait()
-    await asyncio.sleep(0.05)
+    pid = await backend
+    await wait_for(lambda: sleeping(pid), timeout=5)  # the query runs on the server
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -204,11 +215,7 @@ async def test_an_idle_connection_whose_backend_died_is_not_handed_out(pool: asy
     async with pool.acquire() as killer:
         await killer.execute("SELECT pg_terminate_backend($1)", pid)
     # asyncpg notices the closed socket and takes the slot back, detaching the proxy we keep.
-    for _ in range(200):
-        if conn._con is None:
-            break
-        await asyncio.sleep(0.01)
-    assert conn._con is None
+    await wait_for(lambda: conn._con is None, timeout=2)
     fresh = await leases.acquire()  # before the fix: the detached proxy ("released back to the pool")
     assert await fresh.fetchval("SELECT 1") == 1 and await _backends(fresh) != pid
     await leases.release(fresh)

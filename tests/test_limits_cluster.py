@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from collections import defaultdict
@@ -147,32 +146,46 @@ async def test_rate_limit_across_runners(tmp_path: Path, test_dsn: str, prefix: 
 
 async def test_pause_resume_scale_reach_another_node(tmp_path: Path, test_dsn: str, prefix: str, oban: Oban,
                                                      db: asyncpg.Connection) -> None:  # fmt: skip
-    proj = Project(tmp_path, test_dsn, prefix, queues={"limited": 2})
+    proj = Project(tmp_path, test_dsn, prefix, queues={"limited": 2, "work": 1})
     try:
-        await start_runners(proj, 1)
+        await start_runners(proj, 1)  # ready means listening: the controls below reach it by NOTIFY
         await oban.pause_queue("limited")
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: _node_queue_is(oban, "runner-0", paused=True), timeout=5)
         job = await oban.insert(limited(1, 0.01))
-        await asyncio.sleep(1.0)
-        assert (await oban.get_job(job.id)).state.value == "available"  # type: ignore[arg-type]
+        await _runner_had_its_chance(oban)
+        assert await _state_is(oban, job.id, "available")
         started = time.monotonic()
         await oban.resume_queue("limited")
-        await wait_for(lambda: completed(db, prefix, 1), timeout=5)
-        assert time.monotonic() - started < 1.5
+        await wait_for(lambda: _state_is(oban, job.id, "completed"), timeout=5)
+        assert time.monotonic() - started < 1.5  # by NOTIFY, not by the controls duty's 1 s fallback
         await oban.scale_queue("limited", limit=7, node="runner-0")
-        await wait_for(lambda: _node_limit_is(oban, "runner-0", 7), timeout=3)
+        await wait_for(lambda: _node_queue_is(oban, "runner-0", limit=7), timeout=3)
         # The pause is stored: a restarted node comes back paused.
         await oban.pause_queue("limited")
         proj.stop_all()
         proj.start(node="runner-0")
         await wait_process_ready(proj, 1)
         held = await oban.insert(limited(2, 0.01))
-        await asyncio.sleep(1.0)
-        assert (await oban.get_job(held.id)).state.value == "available"  # type: ignore[arg-type]
+        await _runner_had_its_chance(oban)
+        assert await _state_is(oban, held.id, "available")
     finally:
         proj.stop_all()
 
 
-async def _node_limit_is(oban: Oban, node: str, limit: int) -> bool:
+async def _runner_had_its_chance(oban: Oban) -> None:
+    """A job inserted now in the runner's unpaused queue ran for two poll intervals (0.2 s): the runner
+    heard the inserts before it, and polled meanwhile."""
+    marker = await oban.insert(Job(worker="project.Sleepy", args={"sleep": 0.4}, queue="work"))
+    await wait_for(lambda: _state_is(oban, marker.id, "completed"), timeout=10)
+
+
+async def _state_is(oban: Oban, job_id: int | None, state: str) -> bool:
+    return (await oban.get_job(job_id)).state.value == state  # type: ignore[arg-type]
+
+
+async def _node_queue_is(oban: Oban, node: str, **expected: Any) -> bool:
+    """The node's last heartbeat (sent every 0.2 s) shows the ``limited`` queue so."""
     queue = (await oban.check_queues()).queue("limited")
-    return queue is not None and any(n.node == node and n.limit == limit for n in queue.nodes)
+    return queue is not None and any(
+        n.node == node and all(getattr(n, k) == v for k, v in expected.items()) for n in queue.nodes
+    )

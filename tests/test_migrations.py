@@ -5,27 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from oban_py.db import sql
+from oban_py.db.flags import PARKED
 from oban_py.db.migrate import current_version, latest_version, migrate, rollback
-from oban_py.db.sql import Queries
+from oban_py.db.schema_dump import render_schema, schema_diff
+from oban_py.db.sql import Queries, migrations
 
 pytestmark = pytest.mark.anyio
-
-
-async def _schema_objects(conn: asyncpg.Connection, schema: str) -> list[str]:
-    rows = await conn.fetch(
-        """SELECT c.relkind::text || ':' || c.relname AS o FROM pg_class c
-           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1
-           UNION ALL SELECT 'f:' || p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-           WHERE n.nspname = $1
-           UNION ALL SELECT 't:' || t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-           WHERE n.nspname = $1 AND t.typtype = 'e' ORDER BY 1""",
-        schema,
-    )
-    return [r["o"] for r in rows]
 
 
 async def test_migrate_is_idempotent_and_versioned(test_dsn: str) -> None:
@@ -58,25 +49,47 @@ async def test_concurrent_migrations(test_dsn: str) -> None:
 
 
 async def test_each_step_round_trips(test_dsn: str) -> None:
+    """Each down step restores exactly the schema its up step found (types, columns, function bodies)."""
     schema = f"m_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(test_dsn)
     try:
-        snapshots = {0: await _schema_objects(conn, schema)}
+        snapshots = {0: await render_schema(conn, schema)}
         for version in range(1, latest_version() + 1):
             await migrate(conn, schema, target=version)
-            snapshots[version] = await _schema_objects(conn, schema)
+            snapshots[version] = await render_schema(conn, schema)
         for version in range(latest_version() - 1, -1, -1):
             await rollback(conn, schema, target=version)
-            after = await _schema_objects(conn, schema)
-            if version == 0:
-                assert after == []
-            else:
-                assert after == snapshots[version]
+            diff = schema_diff(await render_schema(conn, schema), snapshots[version])
+            assert not diff, f"rolling back to {version} left another schema than migrating to it:\n{diff}"
         await migrate(conn, schema)
-        assert await _schema_objects(conn, schema) == snapshots[latest_version()]
+        assert await render_schema(conn, schema) == snapshots[latest_version()]
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+def test_include_lines_are_replaced_by_the_file_they_name() -> None:
+    fetch = migrations("s")[3]
+    assert fetch.name == "fetch_v1" and "-- include:" not in fetch.up
+    text = (sql.sql_dir() / "functions" / "oban_fetch_v1.sql").read_text()
+    assert text.replace("__parked__", str(PARKED)).replace("__prefix__", '"s"') in fetch.up
+    assert "__parked__" not in fetch.up and "__prefix__" not in fetch.up
+
+
+def test_an_include_must_name_a_file_under_sql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "sql"
+    (root / "migrations").mkdir(parents=True)
+    (root / "parts").mkdir()
+    (root / "parts" / "one.sql").write_text("SELECT 1;\n")
+    (tmp_path / "outside.sql").write_text("SELECT 2;\n")
+    monkeypatch.setattr(sql, "sql_dir", lambda: root)
+    step = root / "migrations" / "001_a.up.sql"
+    step.write_text("-- 001\n-- include: parts/one.sql\n")
+    assert migrations("s")[0].up == "-- 001\nSELECT 1;\n\n"
+    for bad in ("../outside.sql", "parts/missing.sql"):
+        step.write_text(f"-- include: {bad}\n")
+        with pytest.raises(RuntimeError, match="cannot include"):
+            migrations("s")
 
 
 HOT_PATH = {
@@ -119,7 +132,7 @@ async def test_hot_path_queries_use_indexes(db: asyncpg.Connection, prefix: str,
     q = Queries(prefix)[query]
     plan = json.loads(await db.fetchval(f"EXPLAIN (FORMAT JSON) {q.text}", *q.args(HOT_PATH[query])))
     assert not _seq_scans_on_jobs(plan), json.dumps(plan, indent=1)
-    # EXPLAIN cannot see inside oban_fetch: count the sequential scans the query really made.
+    # EXPLAIN cannot see inside oban_fetch_v1 and its parts: count the sequential scans really made.
     tx = db.transaction()
     await tx.start()
     try:

@@ -2,7 +2,9 @@
 from the job pool, and stopped without raising.
 
 Kills use pg_terminate_backend on this test's own notifier backend (found by its node's
-``application_name`` and its last statement), never on anyone else's connection.
+``application_name`` and its last statement), never on anyone else's connection. The notifier is what
+these tests are about, so besides the ``notifier.listening`` event they read its state (``connected``,
+``pid``) and the pool's connections.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from oban_py import Job, Oban, Worker, worker
 from oban_py.errors import DatabaseUnavailable
 from oban_py.runtime.notifier import Notifier
 
-from helpers import wait_for
+from helpers import EventLog, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -81,28 +83,31 @@ async def _start_latency(client: Oban, key: str, *, sleep: float = 0) -> float:
     return started[key] - before
 
 
-async def _queues(make_oban: Callable[..., Awaitable[Oban]], node: str) -> Oban:
+async def _queues(make_oban: Callable[..., Awaitable[Oban]], node: str, log: EventLog | None = None) -> Oban:
+    log = log or EventLog()
     runner = await make_oban(
-        name=f"runner-{node}", node=node, queues={"notifier_probe": 5}, poll_interval=POLL
+        name=f"runner-{node}",
+        node=node,
+        queues={"notifier_probe": 5},
+        poll_interval=POLL,
+        before_start=log.attach,
     )
-    assert runner.node is not None and runner.node.notifier is not None
-    await asyncio.wait_for(runner.node.notifier.connected.wait(), 5)
+    assert log.count("notifier.listening") == 1  # start() returns once LISTEN is up
     return runner
 
 
 async def test_a_killed_listen_connection_is_replaced_and_inserts_start_at_notify_speed(
     make_oban: Callable[..., Awaitable[Oban]], oban: Oban, db: asyncpg.Connection
 ) -> None:
-    node = _node()
-    runner = await _queues(make_oban, node)
+    node, log = _node(), EventLog()
+    runner = await _queues(make_oban, node, log)
     assert await _start_latency(oban, f"{node}-before") < 0.5
 
     old = await _kill_listener(db, node)
     new = await _replaced(db, node, old)  # before the fix: never replaced, inserts waited for the poll
-    notifier = runner.node.notifier  # type: ignore[union-attr]
-    assert notifier is not None
-    await asyncio.wait_for(notifier.connected.wait(), 5)
-    assert notifier.reconnects == 1 and notifier.pid == new
+    await log.wait("notifier.listening", reconnects=1)
+    assert runner.node is not None and runner.node.notifier is not None
+    assert runner.node.notifier.pid == new
 
     latencies = [await _start_latency(oban, f"{node}-after-{i}") for i in range(3)]
     assert max(latencies) < 0.5, latencies  # NOTIFY speed again, far below the 5 s poll
@@ -273,14 +278,16 @@ async def test_failed_connects_back_off_log_once_and_stop_never_raises(
 
 async def test_stop_before_start_and_while_connecting() -> None:
     never = asyncio.get_running_loop().create_future()
+    connecting = asyncio.Event()
 
     class Hanging(FakeDriver):
         async def connect_listener(self) -> FakeConn:
+            connecting.set()
             await never
             raise AssertionError
 
     notifier = _notifier(Hanging([]), [])
     await notifier.stop()
     notifier.start()
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(connecting.wait(), 2)
     await asyncio.wait_for(notifier.stop(), 2)

@@ -88,8 +88,8 @@ async def test_second_signal_exits_at_once(tmp_path: Path, test_dsn: str, prefix
         await oban.insert(sleepy(60))
         await proj.wait_events("start", 1)
         runner.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        assert runner.poll() is None  # waiting for the job
+        await wait_for(lambda: "SIGTERM received" in proj.output(0), timeout=5)
+        assert runner.poll() is None  # the first signal was handled: it waits for the job
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=5) != 0
     finally:

@@ -38,7 +38,7 @@ async def test_dead_tuples_stay_low_at_200_jobs_per_second(make_oban: Any, db: a
                     prefix,
                 )
             )
-        await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))  # the load's pace
     updates = await db.fetchval(
         "SELECT n_tup_upd FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'oban_jobs'", prefix
     )

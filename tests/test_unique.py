@@ -11,8 +11,9 @@ import asyncpg
 import pytest
 
 from oban_py import Job, JobState, Oban, Snooze, UniqueOptions, Worker, worker
+from oban_py.db import parking
 from oban_py.errors import UniqueConflict, UniqueOptionsError, ValidationError
-from oban_py.runtime.producer import Target, claim_jobs
+from oban_py.runtime.claims import Target, claim_jobs
 
 from helpers import wait_for
 
@@ -269,7 +270,7 @@ async def _ack(oban: Oban, row: Any, state: str, delay: float | None = None) -> 
     )
     parked = [r["id"] for r in rows if r["parked"]]
     if parked:
-        await oban.driver.unpark(parked)
+        await parking.unpark(oban.driver, parked)
 
 
 async def _blocks(oban: Oban, args: dict[str, Any], unique: dict[str, Any]) -> bool:

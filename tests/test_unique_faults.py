@@ -26,8 +26,9 @@ import asyncpg
 import pytest
 
 from oban_py import Job, JobState, Oban, Worker, worker
+from oban_py.db import parking
 from oban_py.errors import UniqueConflict
-from oban_py.runtime.producer import Target, claim_jobs
+from oban_py.runtime.claims import Target, claim_jobs
 
 from helpers import wait_for
 
@@ -46,12 +47,13 @@ async def _fetch(oban: Oban) -> Any:
     rows = await claim_jobs(oban.driver, None, [Target("faults")], 1, node="t", instance=INSTANCE)
     assert rows and rows[0]["kind"] == "job"
     if rows[0]["parked"]:
-        await oban.driver.unpark([rows[0]["id"]])
+        await parking.unpark(oban.driver, [rows[0]["id"]])
     return rows[0]
 
 
 async def _ack(oban: Oban, row: Any, state: str, delay: float | None = None) -> None:
-    await oban.driver.transition(
+    await parking.transition(
+        oban.driver,
         "job_ack",
         ids=[row["id"]],
         claims=[row["attempted_at"]],
@@ -66,7 +68,7 @@ async def _ack(oban: Oban, row: Any, state: str, delay: float | None = None) -> 
 
 async def _stage(oban: Oban) -> None:
     await oban.driver.execute("job_make_due", queue="faults")
-    await oban.driver.transition("job_stage", channel="x", limit=100)
+    await parking.transition(oban.driver, "job_stage", channel="x", limit=100)
 
 
 async def _holds(db: asyncpg.Connection, prefix: str, job_id: int | None) -> bool:
@@ -103,7 +105,9 @@ async def _cancelled_duplicate(
     await _ack(oban, await _fetch(oban), "retryable", delay=0)  # retryable: outside the group
     b = await oban.insert(Faulty.new({"k": 1}, unique=opts, schedule_in=60))
     assert not b.conflicted
-    await oban.driver.transition("job_stage", channel="x", limit=100)  # a re-enters: parked, then lost
+    await parking.transition(
+        oban.driver, "job_stage", channel="x", limit=100
+    )  # a re-enters: parked, then lost
     cancelled = await oban.get_job(a.id)  # type: ignore[arg-type]
     assert cancelled.state is JobState.CANCELLED
     assert cancelled.meta["unique_conflict"] | {"at": None} == {
@@ -202,7 +206,7 @@ async def test_unpark_beside_an_expired_holder_takes_the_key(
     old = datetime.now(timezone.utc) - timedelta(seconds=120)
     b = await oban.insert(Faulty.new({"k": 1}, unique=opts, scheduled_at=old))
     assert not b.conflicted
-    await oban.driver.transition("job_stage", channel="x", limit=100)  # a re-enters its group
+    await parking.transition(oban.driver, "job_stage", channel="x", limit=100)  # a re-enters its group
     assert await _state(oban, a.id) is JobState.AVAILABLE
     assert await _holds(db, prefix, a.id) and not await _holds(db, prefix, b.id)
 

@@ -142,8 +142,9 @@ class Leases:
     async def _give_back(self, conn: Any) -> None:
         self._out -= 1
         try:
-            # InterfaceError: asyncpg already took it back when it was closed under us.
-            with contextlib.suppress(asyncpg.InterfaceError):
+            # asyncpg already took it back when it was closed under us: InterfaceError for a detached
+            # proxy, InternalClientError ("release() called on a free connection holder") for a raw one.
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.InternalClientError):
                 try:
                     await asyncio.wait_for(self.pool.release(conn), RELEASE_TIMEOUT)
                 except asyncio.TimeoutError:  # a reset stuck on a dead socket

@@ -3,6 +3,11 @@
 ``sql/migrations/NNN_name.up.sql`` (and ``.down.sql``) are applied in order inside one transaction that
 first takes an advisory lock keyed on the schema, so a second concurrent ``migrate`` waits, then finds
 everything applied and does nothing. Applied versions are recorded in ``<prefix>.oban_migrations``.
+
+A migration may include a versioned function file (``-- include: functions/oban_fetch_v1.sql``, see
+:func:`oban_py.db.sql.migrations`); shipped files, migrations and functions alike, never change. The
+schema after the last migration is ``sql/schema.sql``, checked by ``tests/test_schema.py`` and
+rewritten by ``python -m oban_py.db.schema_dump <dsn>`` (:mod:`oban_py.db.schema_dump`).
 """
 
 from __future__ import annotations

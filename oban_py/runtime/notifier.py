@@ -65,6 +65,9 @@ class Notifier:
         self.health_timeout = health_timeout
         #: Set while a LISTEN connection is up.
         self.connected = asyncio.Event()
+        #: Set once the first connect-and-LISTEN attempt has ended, in success or failure (a node's
+        #: start waits for it, so "started" means "listening" whenever the server allows it).
+        self.tried = asyncio.Event()
         #: Connections established after the first one (each one ended an outage).
         self.reconnects = 0
         #: Backend pid of the current LISTEN connection, if any.
@@ -134,6 +137,7 @@ class Notifier:
                 down_since = None
                 backoff.reset()
                 self.connected.set()
+                self.tried.set()
                 try:
                     self.on_connect()
                 except Exception:
@@ -144,6 +148,7 @@ class Notifier:
             except Exception as exc:
                 if down_since is None:
                     down_since = time.monotonic()
+                self.tried.set()
                 self._report(exc, backoff.failures)
             finally:
                 self.connected.clear()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,22 +21,6 @@ from .pgserver import connect
 
 FINAL = ("completed", "discarded", "cancelled")
 _LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncio.TimeoutError)
-
-
-async def wait_until(
-    check: Callable[[], Any], timeout: float, what: str = "condition", interval: float = 0.05
-) -> Any:
-    """Poll ``check`` (sync or async) until truthy; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 class Db:

@@ -24,41 +24,14 @@ from typing import Any
 from . import ledger
 from .proxy import BlackHoleProxy
 from .settings import FAST
+from project import render_toml, wait_ready
 
 HERE = Path(__file__).resolve().parent
-READY = "started: queues"
 _live: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
 def now_ns() -> int:
     return time.monotonic_ns()
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").isalnum() else _toml(key)
-
-
-def render_toml(settings: dict[str, Any], queues: dict[str, Any]) -> str:
-    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
-    lines += ["", "[queues]"]
-    lines += [f"{_toml_key(q)} = {n}" for q, n in queues.items() if isinstance(n, int)]
-    for name, table in queues.items():
-        if isinstance(table, dict):
-            lines += ["", f"[queues.{_toml_key(name)}]"]
-            lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Runner:
@@ -116,13 +89,9 @@ class Runner:
         return f"--- {self.name} (pid {self.proc.pid if self.proc else '-'}) ---\n{self.output()[-chars:]}"
 
     async def ready(self, timeout: float = 30.0) -> Runner:
-        deadline = time.monotonic() + timeout
-        while READY not in self.stderr():
-            if not self.alive:
-                raise AssertionError(f"runner {self.name} exited before it was ready:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"runner {self.name} not ready after {timeout}s:\n{self.tail()}")
-            await asyncio.sleep(0.05)
+        """Once it is running and listening (see :data:`project.READY`)."""
+        assert self.proc is not None
+        await wait_ready(self.stderr, self.proc, self.name, timeout)
         return self
 
     # -- faults ------------------------------------------------------------------------------------

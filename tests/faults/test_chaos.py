@@ -11,10 +11,11 @@ import random
 import pytest
 
 from . import fault_workers as fw
-from .checks import UniqueSampler, wait_until
+from .checks import UniqueSampler
 from .common import duplicate_inserts, kill_backends, mixed_load, restart_server, stop_all, verdict
 from .scenario import Scenario
 from .settings import FAST, SCALE, SEED, SOAK, scaled, soak_only, timeout
+from helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -55,7 +56,7 @@ async def test_postgres_restart_mid_load(scenario: Scenario) -> None:
     async with UniqueSampler(s.db) as sampler, duplicate_inserts(s, UNIQUE_KEYS):
         await s.client.insert_all(jobs)
         for n in range(scaled(1) + (1 if SOAK else 0)):  # the soak adds a crash-style restart
-            await wait_until(lambda n=n: len(s.cluster.runs()) > 30 * (n + 1), 20, "load under way")
+            await wait_for(lambda n=n: len(s.cluster.runs()) > 30 * (n + 1), 20, what="load under way")
             busy = sum(1 for r in s.cluster.runs() if r.end_kind == "open")
             await restart_server(s, "immediate" if n % 2 else "fast")
             assert busy > 0  # the restart hit jobs in progress
@@ -113,7 +114,7 @@ async def test_mixed_faults_under_sustained_load(scenario: Scenario) -> None:
     async with UniqueSampler(s.db) as sampler, duplicate_inserts(s, UNIQUE_KEYS):
         for start in range(0, len(jobs), 200):  # a sustained load, not one burst
             await s.client.insert_all(jobs[start : start + 200])
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the load's pace
         for _ in range(scaled(12)):
             await asyncio.sleep(rng.uniform(0.5, 2.0))  # the fault cadence
             live = [r for r in runners if r.alive]

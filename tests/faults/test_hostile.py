@@ -21,11 +21,12 @@ import pytest
 
 from . import fault_workers as fw
 from . import ledger
-from .checks import wait_final, wait_until
+from .checks import wait_final
 from .cluster import Runner
 from .common import SHUTDOWN, assert_sigterm_exit
 from .scenario import Scenario
 from .settings import EXIT_GRACE, SOAK, timeout
+from helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ async def test_base_exceptions_are_recorded_failures(scenario: Scenario) -> None
         assert node.alive, f"the runner died (exit status {node.returncode})\n" + s.context()
         return all(j["state"] in ("discarded", "completed") for j in await s.db.jobs(list(ids)))
 
-    await wait_until(settled, 30, "hostile jobs settled")
+    await wait_for(settled, 30, what="hostile jobs settled")
     for job in await s.db.jobs(list(ids)):
         assert job["state"] == "discarded", f"{ids[job['id']]}: {job['state']}"
         assert job["attempt"] == 3 and job["errors"] != "[]", f"{ids[job['id']]}: {dict(job)}"
@@ -63,12 +64,12 @@ async def test_task_ignoring_cancellation_does_not_hang_sigterm(scenario: Scenar
     a = await s.cluster.start("stubborn-a", {"hostile": 2})
     b = await s.cluster.start("stubborn-b", {"hostile": 2})
     job = await s.client.insert(fw.Hostile.new({"kind": "ignore_cancel", "s": 40}))
-    first = await wait_until(lambda: [r for r in s.cluster.runs() if r.job_id == job.id], 10, "started")
+    first = await wait_for(lambda: [r for r in s.cluster.runs() if r.job_id == job.id], 10, what="started")
     holder = a if first[0].pid == a.pid else b
     await assert_sigterm_exit(s, holder, expect_rc=None)
     # The job is not lost (the other node takes it, after the first body is gone) and never ran twice
     # at once.
-    await wait_until(lambda: len([r for r in s.cluster.runs() if r.job_id == job.id]) > 1, 15, "re-run")
+    await wait_for(lambda: len([r for r in s.cluster.runs() if r.job_id == job.id]) > 1, 15, what="re-run")
     doubles = ledger.concurrent_doubles(s.cluster.runs())
     assert not doubles, ledger.describe(doubles)
 
@@ -80,15 +81,15 @@ async def test_blocked_event_loop_in_a_cluster(scenario: Scenario) -> None:
     a = await s.cluster.start("block-a", {"work": 4, "blocker": 1})
     await s.cluster.start("block-b", {"work": 4})
     polite = await s.client.insert_all([fw.Sleep.new({"ms": 3000, "ticks": True}) for _ in range(8)])
-    await wait_until(
+    await wait_for(
         lambda: sum(1 for r in s.cluster.runs() if r.pid == a.pid and r.end_kind == "open") >= 2,
         10,
-        "block-a runs well-behaved jobs",
+        what="block-a runs well-behaved jobs",
     )
     blocker = await s.client.insert(
         fw.Hostile.new({"kind": "block_loop", "s": block}, queue="blocker", max_attempts=1)
     )
-    await wait_until(lambda: any(r.job_id == blocker.id for r in s.cluster.runs()), 5, "blocker started")
+    await wait_for(lambda: any(r.job_id == blocker.id for r in s.cluster.runs()), 5, what="blocker started")
     await wait_final(s.db, len(polite) + 1, block + 20, s.context)
     runs = s.cluster.runs()
     polite_ids = {j.id for j in polite}
@@ -112,7 +113,7 @@ async def blocker_named(runner: Runner, job_id: int | None, seconds: float) -> b
         return any("job" in line.lower() and own_id.search(line) for line in lines)
 
     try:
-        await wait_until(named, seconds, "log line")
+        await wait_for(named, seconds, what="log line")
     except AssertionError:
         return False
     return True
@@ -130,10 +131,10 @@ async def test_sync_jobs_past_their_timeout_keep_their_slots(scenario: Scenario)
     to_cancel = await s.client.insert_all(cancelled)
     for job in to_cancel:
         assert job.id is not None
-        await wait_until(lambda j=job: any(r.job_id == j.id for r in s.cluster.runs()), 20, "started")
+        await wait_for(lambda j=job: any(r.job_id == j.id for r in s.cluster.runs()), 20, what="started")
         await s.client.cancel_job(job.id)
     await wait_final(s.db, len(inserted) + len(to_cancel), 40, s.context)
-    await wait_until(lambda: all(r.end_kind != "open" for r in s.cluster.runs()), 5, "threads done")
+    await wait_for(lambda: all(r.end_kind != "open" for r in s.cluster.runs()), 5, what="threads done")
     runs = s.cluster.runs()
     problems = []
     if over := ledger.over_limit(runs, lambda r: r.pid, 2):
@@ -150,7 +151,7 @@ async def test_shutdown_with_a_running_sync_job(scenario: Scenario) -> None:
     s = scenario
     a = await s.cluster.start("sync-a", {"sync": 2})
     job = await s.client.insert(fw.SyncSleep.new({"s": 0.3, "slow_on": "sync-a", "slow": 15}))
-    await wait_until(lambda: any(r.job_id == job.id for r in s.cluster.runs()), 10, "started on sync-a")
+    await wait_for(lambda: any(r.job_id == job.id for r in s.cluster.runs()), 10, what="started on sync-a")
     await s.cluster.start("sync-b", {"sync": 2})
     took = await assert_sigterm_exit(s, a, expect_rc=None)
     await wait_final(s.db, 1, 15, s.context)

@@ -10,11 +10,12 @@ import pytest
 
 from . import fault_workers as fw
 from . import ledger
-from .checks import listen_backends, terminate, wait_final, wait_until
+from .checks import listen_backends, terminate, wait_final
 from .cluster import Runner
 from .common import assert_sigterm_exit
 from .scenario import Scenario
 from .settings import SCALE, timeout
+from helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -25,10 +26,10 @@ async def black_hole_load(s: Scenario) -> tuple[Runner, Runner, list[int]]:
     await hole.ready()
     await direct.ready()
     jobs = await s.client.insert_all([fw.Sleep.new({"ms": 200}) for _ in range(150)])
-    await wait_until(
+    await wait_for(
         lambda: any(r.pid == hole.pid and r.end_kind == "open" for r in s.cluster.runs()),
         10,
-        "the proxied runner has jobs in hand",
+        what="the proxied runner has jobs in hand",
     )
     return hole, direct, [j.id for j in jobs if j.id]
 
@@ -76,7 +77,7 @@ async def start_latency(s: Scenario, seconds: float) -> float:
     def started() -> int | None:
         return next((r.start for r in s.cluster.runs() if r.job_id == job.id), None)
 
-    at = await wait_until(started, seconds, f"job {job.id} started")
+    at = await wait_for(started, seconds, what=f"job {job.id} started")
     return (at - before) / 1e9
 
 
@@ -86,12 +87,17 @@ async def test_killed_listen_connection(scenario: Scenario) -> None:
     (poll_interval is 5 s), cancel_job still interrupts a running job, and SIGTERM exits 0."""
     s = scenario
     node = await s.cluster.start("listen", {"work": 5}, poll_interval=5.0)
-    found = await wait_until(lambda: listen_backends(s.db, "listen"), 10, "a LISTEN backend")
+    found = await wait_for(lambda: listen_backends(s.db, "listen"), 10, what="a LISTEN backend")
     assert len(found) == 1, f"expected one LISTEN backend, found {found}"
     old = found[0]
     assert await start_latency(s, 8) < 1.0  # the baseline: NOTIFY, not the 5 s poll
     assert await terminate(s.db, [old]) == 1
-    await asyncio.sleep(3.0)  # "a few seconds" after the kill
+
+    async def replaced() -> list[int]:
+        return [pid for pid in await listen_backends(s.db, "listen") if pid != old]
+
+    # Within a few seconds of the kill the node listens again, on a new connection.
+    await wait_for(replaced, 3.0, what="a new LISTEN backend")
     latencies = [await start_latency(s, 8) for _ in range(3)]
     listening = await listen_backends(s.db, "listen")
     assert max(latencies) < 1.0, (
@@ -99,14 +105,14 @@ async def test_killed_listen_connection(scenario: Scenario) -> None:
         f"LISTEN backends now: {listening} (killed {old})\n" + s.context()
     )
     long = await s.client.insert(fw.Sleep.new({"ms": 30_000, "ticks": True}))
-    await wait_until(lambda: any(r.job_id == long.id for r in s.cluster.runs()), 8, "long job started")
+    await wait_for(lambda: any(r.job_id == long.id for r in s.cluster.runs()), 8, what="long job started")
     assert long.id is not None
     assert await s.client.cancel_job(long.id)
 
     def interrupted() -> bool:
         return any(r.job_id == long.id and r.finished for r in s.cluster.runs())
 
-    await wait_until(interrupted, 3, "the cancelled job's body interrupted")
+    await wait_for(interrupted, 3, what="the cancelled job's body interrupted")
     (run,) = [r for r in s.cluster.runs() if r.job_id == long.id]
     assert run.outcome == "cancelled"
     await assert_sigterm_exit(s, node)

@@ -15,10 +15,11 @@ import random
 import pytest
 
 from . import fault_workers as fw
-from .checks import wait_final, wait_until
+from .checks import wait_final
 from .common import kill_backends, verdict
 from .scenario import Scenario
 from .settings import SEED, scaled, timeout
+from helpers import wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -32,15 +33,15 @@ async def test_stopped_node_does_not_finish_rescued_jobs(scenario: Scenario) -> 
     a = await s.cluster.start("stop-a", {"work": 2})
     jobs = await s.client.insert_all([fw.Sleep.new({"ms": 8000, "ticks": True}) for _ in range(2)])
     ids = {j.id for j in jobs}
-    await wait_until(lambda: len([r for r in s.cluster.runs() if r.job_id in ids]) == 2, 10, "both on a")
+    await wait_for(lambda: len([r for r in s.cluster.runs() if r.job_id in ids]) == 2, 10, what="both on a")
     b = await s.cluster.start("stop-b", {"work": 2})
     a.freeze()
-    await wait_until(
-        lambda: {r.job_id for r in s.cluster.runs() if r.pid == b.pid} >= ids, 15, "stop-b re-runs both"
+    await wait_for(
+        lambda: {r.job_id for r in s.cluster.runs() if r.pid == b.pid} >= ids, 15, what="stop-b re-runs both"
     )
     thawed = a.thaw()
     await wait_final(s.db, 2, 20, s.context)
-    await wait_until(lambda: all(r.end_kind != "open" for r in s.cluster.runs()), 10, "bodies over")
+    await wait_for(lambda: all(r.end_kind != "open" for r in s.cluster.runs()), 10, what="bodies over")
     problems = []
     for run in (r for r in s.cluster.runs() if r.pid == a.pid):
         last = max([run.start, *run.ticks, int(run.end)])

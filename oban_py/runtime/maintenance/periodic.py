@@ -1,7 +1,7 @@
-"""A periodic background service with a shared lifecycle.
+"""The shared lifecycle of a periodic duty.
 
-Each maintenance duty (heartbeat and rescue, staging, pruning, the unique sweep, queue controls)
-is a :class:`Periodic`: a ``run_once`` coroutine called every ``interval`` seconds (with jitter, so
+Each maintenance duty (rescue, staging, polling, pruning, the unique sweep, queue controls, ...)
+runs on a :class:`Periodic`: a ``run_once`` coroutine called every ``interval`` seconds (with jitter, so
 nodes spread out), optionally only while this node holds the leader lease. ``stop()`` is idempotent
 and safe before ``start()``. A lost database connection is logged once and retried on the next tick;
 any other error is logged with its traceback and the service keeps going. Each run has a
@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from ..errors import DatabaseUnavailable
+from ...errors import DatabaseUnavailable
 
 __all__ = ["Periodic"]
 

@@ -6,7 +6,7 @@ and get its other jobs run twice. The thread also watches the loop: a loop that 
 second is logged with the job that blocks it and where (file and line). A loop blocked for longer
 than ``stall_limit`` is treated as dead: heartbeats stop, so other nodes rescue its jobs.
 
-The main loop reads ``lease_age()`` on every tick (:meth:`Node._tick`): once it passes the lease
+The main loop reads ``lease_age()`` on every tick (:class:`LeaseGuard`): once it passes the lease
 (``rescue_after`` less one heartbeat interval) other nodes may already have rescued this node's jobs,
 so the node stops them. After a SIGSTOP the tick is the first timer to fire, before any job's own
 timer, so a frozen node's jobs are stopped before they can finish work another node has taken over.
@@ -21,21 +21,29 @@ import threading
 import time
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .executor import Execution, execute
-from .executor import scrub as _scrub
+from ..execution import Execution
+from ..executor import execute
+from ..outcome import scrub
 
 if TYPE_CHECKING:
-    from ..db.driver import Driver
+    from ...db.driver import Driver
+    from ...db.query_names import QueryName
 
-__all__ = ["Lifeline", "find_blocker"]
+__all__ = ["LeaseGuard", "Lifeline", "find_blocker", "heartbeat"]
 
 log = logging.getLogger("oban_py.node")
 
 WATCH_INTERVAL = 0.25
 BLOCKED_AFTER = 1.0
 MAX_LINGER = 3600.0
+
+
+async def heartbeat(driver: Driver, *, instance: str, node: str, meta: str | None) -> None:
+    """Write one heartbeat from the event loop: a node's first (before it claims anything), and each
+    of ``drain_queue``'s (a drain registers as a short-lived node of its own)."""
+    await driver.fetchval("node_heartbeat", instance=instance, node=node, meta=meta)
 
 
 def find_blocker(thread_id: int) -> tuple[Execution | None, str]:
@@ -198,7 +206,7 @@ class Lifeline:
                 blocked,
                 job.id,
                 job.worker,
-                _scrub(where),
+                scrub(where),
                 extra={
                     "job_id": job.id,
                     "worker": job.worker,
@@ -208,7 +216,7 @@ class Lifeline:
             )
         else:
             log.warning(
-                "event loop blocked for %.1fs at %s", blocked, _scrub(where), extra={"blocked_s": blocked}
+                "event loop blocked for %.1fs at %s", blocked, scrub(where), extra={"blocked_s": blocked}
             )
 
     def loop_turned(self, now: float) -> None:
@@ -234,7 +242,7 @@ class Lifeline:
             self.healthy_since = None
             if not self._down:
                 log.warning(
-                    "node %s: heartbeat failed: %s: %s", self.node, type(exc).__name__, _scrub(str(exc), 300)
+                    "node %s: heartbeat failed: %s: %s", self.node, type(exc).__name__, scrub(str(exc), 300)
                 )
             self._down = True
             return
@@ -252,7 +260,7 @@ class Lifeline:
             except RuntimeError:  # the main loop is closed
                 pass
 
-    async def _query(self, name: str, **params: Any) -> Any:
+    async def _query(self, name: QueryName, **params: Any) -> Any:
         query = self.driver.queries[name]
         timeout = max(2.0, min(self.interval * 2, 10.0))
         try:
@@ -265,3 +273,90 @@ class Lifeline:
                 self._conn.terminate()
                 self._conn = None
             raise
+
+
+class Revocable(Protocol):
+    """What the lease guard stops and resumes: the node's producers (a :class:`~..queues.QueueSet`)."""
+
+    def revoke(self) -> int: ...
+
+    def notify_all(self) -> None: ...
+
+
+class LeaseGuard:
+    """On the event loop: every ``WATCH_INTERVAL`` tells the lifeline the loop turns, and stops every
+    running job once the last heartbeat is older than the lease, or when a heartbeat found the node
+    presumed dead (other nodes may have rescued its jobs). Claims resume when heartbeats do.
+
+    ``on_tick`` also runs every tick (the node refreshes its meta from it, on the loop); ``active``
+    says whether the node is running (a node that is stopping ignores a late "rejoined").
+    """
+
+    def __init__(
+        self,
+        lifeline: Lifeline,
+        queues: Revocable,
+        *,
+        node: str,
+        on_tick: Callable[[float], None],
+        active: Callable[[], bool],
+    ) -> None:
+        self.lifeline = lifeline
+        self.queues = queues
+        self.node = node
+        self.on_tick = on_tick
+        self.active = active
+        self.revoked = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def may_claim(self) -> bool:
+        """False while the lease may have run out: claims made then could be rescued at once."""
+        return not self.revoked
+
+    def start(self) -> None:
+        self._tick()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.lifeline.loop_turned(now)
+        self.on_tick(now)
+        age = self.lifeline.lease_age()
+        lapsed, self.lifeline.lapsed = self.lifeline.lapsed, False
+        if age > self.lifeline.lease or lapsed:
+            if not self.revoked:
+                self.revoked = True
+                running = self.queues.revoke()
+                log.warning(
+                    "node %s: no heartbeat for %.1fs (lease %.1fs); it may be presumed dead, so its %d "
+                    "running job(s) were stopped and go back to the queue",
+                    self.node,
+                    age,
+                    self.lifeline.lease,
+                    running,
+                    extra={"node": self.node},
+                )
+        elif self.revoked:
+            self.revoked = False
+            log.info("node %s: heartbeats resumed; taking jobs again", self.node, extra={"node": self.node})
+            self.queues.notify_all()
+        self._handle = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._tick)
+
+    def rejoined(self) -> None:
+        """A heartbeat had to re-create this node's row: another node presumed it dead and may have run
+        its jobs. Stop them now; their acks go back to the queue only where the claim is still ours."""
+        if not self.active():
+            return
+        running = self.queues.revoke()
+        log.warning(
+            "node %s had been presumed dead (no heartbeat for %ss); its %d running job(s) were stopped, as "
+            "they may have been rescued and run elsewhere",
+            self.node,
+            self.lifeline.rescue_after,
+            running,
+            extra={"node": self.node},
+        )

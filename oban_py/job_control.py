@@ -1,0 +1,95 @@
+"""Changing jobs from outside: cancel, delete and retry, as statements the facade calls.
+
+Each is one statement or one transaction, safe to run again when it deadlocks (it was rolled back
+whole). A retry is an insert of the job again: it takes its unique key, so it can conflict; then
+:func:`retry` retries none of the jobs and raises :class:`UniqueConflict` naming the holder.
+Interrupting the jobs that were running is the caller's part (:func:`interrupt_message`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from .db.retry import retry_deadlocks
+from .errors import UniqueConflict
+
+if TYPE_CHECKING:
+    from .db.driver import Driver
+
+__all__ = ["cancel", "delete", "interrupt_message", "retry"]
+
+
+async def cancel(driver: Driver, ids: list[int], reason: str | None) -> list[Any]:
+    """Cancel the jobs that have not finished; rows say what each ``was`` (and whether it is parked)."""
+    # One statement, a whole transaction of its own: safe to run again if it deadlocks.
+    return await retry_deadlocks(lambda: driver.fetch("job_cancel", ids=ids, reason=reason))
+
+
+async def delete(driver: Driver, ids: list[int]) -> list[Any]:
+    return await driver.fetch("job_delete", ids=ids)
+
+
+def interrupt_message(rows: list[Any], reason: str) -> dict[str, Any] | None:
+    """The ``interrupt`` signal for the jobs among ``rows`` that were executing (None if none was)."""
+    running = [r["id"] for r in rows if r["was"] == "executing"]
+    return {"kind": "interrupt", "ids": running, "reason": reason} if running else None
+
+
+async def retry(driver: Driver, ids: list[int]) -> int:
+    """Retry ``ids`` all or nothing; returns how many were retried."""
+
+    async def run() -> list[Any]:
+        async with driver.transaction() as conn:
+            rows = await driver.fetch("job_retry", conn, ids=ids)
+            blocked = [r for r in rows if r["holder"] is not None]
+            if blocked:  # a duplicate of a live holder, without taking the key: retry none
+                raise Rollback(blocked[0])
+            for queue in {r["queue"] for r in rows}:
+                await driver.notify(driver.insert_channel, queue, conn)
+        return rows
+
+    try:
+        rows = await retry_deadlocks(run)
+    except asyncpg.UniqueViolationError:
+        raise await conflict(driver, ids) from None
+    except Rollback as found:
+        raise await conflict(driver, ids, blocked=found.args[0]) from None
+    return len(rows)
+
+
+async def conflict(driver: Driver, ids: list[int], *, blocked: Any = None) -> UniqueConflict:
+    """Which job of a failed retry collides, and with whom (a rare path: one try per prefix).
+
+    ``blocked``: a job_retry row whose job does not take its key and met a live holder.
+    """
+    if blocked is not None:
+        found = await driver.fetch("job_get", ids=[blocked["holder"]])
+        return UniqueConflict(blocked["id"], blocked["holder"], found[0]["state"] if found else None)
+    for k in range(1, len(ids) + 1):
+        try:
+            async with driver.transaction() as conn:
+                rows = await driver.fetch("job_retry", conn, ids=ids[:k])
+                raise Rollback(next((r for r in rows if r["holder"] is not None), None))
+        except Rollback as tried:
+            if tried.args[0] is not None:
+                return await conflict(driver, ids, blocked=tried.args[0])
+            continue
+        except asyncpg.UniqueViolationError:
+            # ids[k-1] collides, with an existing holder or with one of ids[:k-1] retried before it.
+            try:
+                async with driver.transaction() as conn:
+                    if k > 1:
+                        await driver.fetch("job_retry", conn, ids=ids[: k - 1])
+                    holder = await driver.fetchrow("job_unique_holder", conn, id=ids[k - 1])
+                    raise Rollback(holder)
+            except Rollback as found:
+                row = found.args[0] if found.args else None
+                if row is not None:
+                    return UniqueConflict(ids[k - 1], row["id"], row["state"])
+    return UniqueConflict(ids[0], -1)  # pragma: no cover - the holder vanished meanwhile
+
+
+class Rollback(Exception):
+    """Raised inside a transaction only to roll it back."""
