@@ -16,31 +16,26 @@ the default one, or the one named by the worker's ``oban=`` option.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
 
-from . import _insert, instances, job_control
+from . import _insert, instances
 from ._secrets import masked_dsn
+from .api.jobs import JobsAPI
+from .api.queues import QueuesAPI
 from .config import Config, build_config, env_settings, load_config
-from .db import parking
 from .db.connect import create_pool
 from .db.driver import Driver
 from .db.lease import Leases
 from .db.migrate import current_version, latest_version, migrate, rollback
-from .db.rows import job_from_record
-from .errors import JobNotFound, LimitOptionsError, MigrationError, ObanError
+from .errors import MigrationError, ObanError
 from .job import Job
-from .overview import Overview, overview
-from .runtime.drain import drain
 from .runtime.events import Events
 from .runtime.node import Node
-from .runtime.queues import QueueState
-from .validation import validate_queue, validate_queue_limits, validate_queue_pattern
 from .worker import spec_for
 
 __all__ = ["Oban", "resolve_dsn"]
@@ -57,7 +52,7 @@ def resolve_dsn(config: Config) -> tuple[str, bool]:
     return embedded_dsn(config.embedded_dir), True
 
 
-class Oban:
+class Oban(JobsAPI, QueuesAPI):
     """An engine instance: a connection pool, optionally queues running in this process."""
 
     def __init__(
@@ -164,18 +159,6 @@ class Oban:
             return self
 
     @property
-    def is_leader(self) -> bool:
-        """True while this instance's node holds the cluster's leader lease (pruning and sweeps run
-        there)."""
-        return self.node is not None and self.node.is_leader
-
-    def queue_states(self) -> dict[str, QueueState]:
-        """What each queue running in this process is doing now: limit, paused, running jobs, the
-        queues it takes from and their global limits (no database query; ``check_queues`` gives the
-        whole cluster)."""
-        return self.node.queue_states() if self.node is not None else {}
-
-    @property
     def stuck_jobs(self) -> list[int]:
         """Ids of jobs whose bodies did not end when the last stop() interrupted them (see
         docs/guarantees.md): they stay claimed by this process, heartbeating, until they end."""
@@ -271,138 +254,3 @@ class Oban:
     ) -> Job[Any]:
         """Insert a job for a registered worker (class, @job function or name)."""
         return await spec_for(worker).enqueue(args, overrides, conn=conn, oban=self)
-
-    # -- job control ------------------------------------------------------------------------------
-
-    async def get_job(self, job_id: int) -> Job[Any]:
-        """The job's current row; raises JobNotFound."""
-        rows = await self.driver.fetch("job_get", ids=[job_id])
-        if not rows:
-            raise JobNotFound(job_id)
-        return job_from_record(rows[0])
-
-    async def get_jobs(self, job_ids: Sequence[int]) -> list[Job[Any]]:
-        rows = await self.driver.fetch("job_get", ids=list(job_ids))
-        by_id = {r["id"]: job_from_record(r) for r in rows}
-        return [by_id[i] for i in job_ids if i in by_id]
-
-    async def cancel_job(self, job_id: int, *, reason: str | None = None) -> bool:
-        """Cancel a job that has not finished; a running one has its task cancelled. True if it changed."""
-        return await self.cancel_jobs([job_id], reason=reason) == 1
-
-    async def cancel_jobs(self, job_ids: Iterable[int], *, reason: str | None = None) -> int:
-        rows = await job_control.cancel(self.driver, [int(i) for i in job_ids], reason)
-        await self._after_control(rows, "cancelled")
-        return len(rows)
-
-    async def delete_job(self, job_id: int) -> bool:
-        """Delete a job in any state (a running one has its task cancelled). True if it existed."""
-        return await self.delete_jobs([job_id]) == 1
-
-    async def delete_jobs(self, job_ids: Iterable[int]) -> int:
-        rows = await job_control.delete(self.driver, [int(i) for i in job_ids])
-        await self._after_control(rows, "deleted")
-        return len(rows)
-
-    async def _after_control(self, rows: list[Any], reason: str) -> None:
-        """Stop the jobs that were running (here at once, elsewhere by NOTIFY); settle parked rows."""
-        message = job_control.interrupt_message(rows, reason)
-        if message is not None:
-            if self.node is not None:
-                self.node.apply_signal(message)
-            await self.driver.notify(self.driver.signal_channel, json.dumps(message))
-        parked = [r["id"] for r in rows if r.get("parked")]
-        if parked:
-            await parking.unpark(self.driver, parked)
-
-    async def retry_job(self, job_id: int) -> bool:
-        """Make a finished, scheduled or retryable job available now. False if it was not retryable.
-
-        Raises UniqueConflict (naming the holder) if another job holds its unique key; nothing changes.
-        """
-        return await self.retry_jobs([job_id]) == 1
-
-    async def retry_jobs(self, job_ids: Iterable[int]) -> int:
-        """Retry several jobs, all or nothing: a unique conflict on any of them raises and retries none.
-
-        A retry is an insert of the job again: it takes its unique key (even one it gave up: lost to
-        another job, released when it started, or past its period, then with a fresh period), and a
-        job that would not take it (the ``scheduled`` group) still conflicts with a live holder.
-        """
-        return await job_control.retry(self.driver, [int(i) for i in job_ids])
-
-    # -- queue control ----------------------------------------------------------------------------
-
-    async def _control(
-        self,
-        queue: str,
-        node: str | None,
-        *,
-        paused: bool | None = None,
-        limit: int | None = None,
-        global_limit: int | None = None,
-    ) -> None:
-        validate_queue_pattern(queue)
-        validate_queue_limits(limit, global_limit)
-        await self.driver.execute(
-            "queue_control_upsert",
-            name=queue,
-            node=node or "",
-            paused=paused,
-            local_limit=limit,
-            global_limit=global_limit,
-        )
-        await self.driver.notify(
-            self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue, "node": node})
-        )
-        if self.node is not None and (node is None or node == self.node.name):
-            await self.node.refresh_controls()
-
-    async def pause_queue(self, queue: str, *, node: str | None = None) -> None:
-        """Stop fetching from ``queue`` on every node (or one); running jobs finish. Survives restarts."""
-        await self._control(queue, node, paused=True)
-
-    async def resume_queue(self, queue: str, *, node: str | None = None) -> None:
-        await self._control(queue, node, paused=False)
-
-    async def scale_queue(
-        self,
-        queue: str,
-        *,
-        limit: int | None = None,
-        global_limit: int | None = None,
-        node: str | None = None,
-    ) -> None:
-        """Change the per-node ``limit`` of ``queue`` on every node (or one), and/or its cluster-wide
-        ``global_limit``. Stored in the database: survives restarts and wins over the config."""
-        if limit is None and global_limit is None:
-            raise LimitOptionsError("limit", None, "give limit and/or global_limit")
-        if global_limit is not None and node is not None:
-            raise LimitOptionsError("node", node, "global_limit applies to every node; do not name one")
-        await self._control(queue, node, limit=limit, global_limit=global_limit)
-
-    async def check_queues(self, *, limit_keys: int = 50) -> Overview:
-        """Every queue (jobs by state, nodes running it and their limits) and the busiest limit keys
-        (running and waiting jobs), across the cluster."""
-        return await overview(self.driver, limit_keys=limit_keys)
-
-    # -- running jobs inline ----------------------------------------------------------------------
-
-    async def drain_queue(
-        self, queue: str = "default", *, with_scheduled: bool = False, limit: int = 10_000
-    ) -> dict[str, int]:
-        """Run the queue's available jobs in this task, one at a time, until none are left.
-
-        Meant for tests and scripts: no producer is needed. ``with_scheduled`` first makes the queue's
-        scheduled and retryable jobs due now (repeatedly, so retries run too, up to ``limit`` jobs).
-        Returns counts by final state.
-        """
-        validate_queue(queue)
-        return await drain(
-            self.driver,
-            queue,
-            node=str(self.config.node or os.getpid()),
-            heartbeat_interval=self.config.heartbeat_interval,
-            with_scheduled=with_scheduled,
-            limit=limit,
-        )
