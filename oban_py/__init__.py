@@ -7,7 +7,9 @@ Define workers with :func:`worker` (classes) or :func:`job` (functions), insert 
 
 from ._version import __version__
 from .config import Config, QueueConfig, load_config
+from .hooks.callbacks import Outcome
 from .job import Cancel, Job, JobState, Record, Snooze
+from .job_query import JobFilter, JobPage
 from .oban import Oban
 from .runtime.execution import Interrupted, current_job, stop_requested
 from .unique import UniqueOptions
@@ -18,8 +20,11 @@ __all__ = [
     "Config",
     "Interrupted",
     "Job",
+    "JobFilter",
+    "JobPage",
     "JobState",
     "Oban",
+    "Outcome",
     "QueueConfig",
     "Record",
     "Snooze",

@@ -3,23 +3,32 @@
 Later layers win key by key. Every key is checked (unknown keys are errors, with a suggestion for a
 near miss), and an error names the key, the value and where it came from: the TOML file's path,
 ``env OBAN_...``, or ``arguments``. Every key is documented in ``docs/configuration.md``.
+
+Every key ``name`` has the variable ``OBAN_NAME``, derived from the fields (:func:`env_var`), so a new
+setting needs no line here; ``OBAN_CONFIG`` names the file, and ``DATABASE_URL`` is the DSN of last
+resort. ``postgresql+asyncpg://`` (SQLAlchemy) URLs lose their driver suffix.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ._secrets import Dsn
+from .cron.task import CronTaskConfig, TaskName
 from .errors import ConfigError
+from .hooks.lifecycle import HOOK_KEYS, HookSpec, normalize_hooks
 from .limits import RateLimit
 from .validation import MAX_GLOBAL_LIMIT, MAX_LOCAL_LIMIT, first_problem, validate_queue_pattern
 
@@ -28,7 +37,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10
     import tomli as tomllib
 
-__all__ = ["Config", "QueueConfig", "load_config", "parse_queues"]
+__all__ = ["Config", "QueueConfig", "env_var", "load_config", "parse_queues"]
 
 DEFAULT_FILE = "oban.toml"
 _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # fullmatch: "$" would allow a trailing newline
@@ -101,6 +110,10 @@ class Config(BaseModel):
     rescue_after: float = Field(default=30.0, gt=0)
     stage_interval: float = Field(default=1.0, gt=0, le=3600)
     shutdown_timeout: float = Field(default=15.0, ge=0)
+    #: Worker processes ``oban-py start`` runs under a supervisor (1: this process, no supervisor).
+    processes: int = Field(default=1, ge=1, le=256)
+    #: A file ``oban-py start`` writes its pid to (and locks) while it runs; None: no pidfile.
+    pidfile: str | None = None
     prune_after: float | None = Field(default=86_400.0, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
     vacuum_interval: float | None = Field(default=2.0, gt=0)
@@ -112,6 +125,36 @@ class Config(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     embedded_dir: str | None = None
+    #: Hooks (docs/hooks.md): callables or dotted paths ("myapp.hooks:started"), imported at startup.
+    on_start: tuple[HookSpec, ...] = ()
+    on_stop: tuple[HookSpec, ...] = ()
+    on_worker_start: tuple[HookSpec, ...] = ()
+    on_worker_stop: tuple[HookSpec, ...] = ()
+    #: ``on_error(error, context)`` for the engine's own failures (not jobs').
+    on_error: tuple[HookSpec, ...] = ()
+    #: Recurring tasks, ``[cron.<name>]`` tables (see docs/recurring.md).
+    cron: dict[TaskName, CronTaskConfig] = Field(default_factory=dict)
+
+    @field_validator(*HOOK_KEYS, mode="before")
+    @classmethod
+    def _hooks(cls, value: Any) -> tuple[HookSpec, ...]:
+        return normalize_hooks(value)
+
+    @field_validator("dsn", mode="before")
+    @classmethod
+    def _dsn(cls, value: Any) -> Any:
+        """``postgresql+asyncpg://`` (a SQLAlchemy URL, often the app's own) -> ``postgresql://``."""
+        return _DRIVER_SUFFIX.sub(r"\1", value, count=1) if isinstance(value, str) else value
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, value: int) -> int:
+        if value > 1 and sys.platform == "win32":
+            raise ValueError(
+                "more than one process needs the supervisor, which runs on Linux and macOS only: "
+                "on Windows set processes = 1 and start one `oban-py start` per process"
+            )
+        return value
 
     @field_validator("prefix")
     @classmethod
@@ -177,30 +220,61 @@ def parse_queues(text: str) -> dict[str, int]:
     return out
 
 
-_ENV: dict[str, str] = {
-    "OBAN_DSN": "dsn",
-    "OBAN_PREFIX": "prefix",
-    "OBAN_NODE": "node",
-    "OBAN_QUEUES": "queues",
-    "OBAN_MODULES": "modules",
-    "OBAN_POOL_SIZE": "pool_size",
-    "OBAN_NOTIFIER": "notifier",
-    "OBAN_POLL_INTERVAL": "poll_interval",
-    "OBAN_SHUTDOWN_TIMEOUT": "shutdown_timeout",
-    "OBAN_LOG_LEVEL": "log_level",
-    "OBAN_LOG_FORMAT": "log_format",
-    "OBAN_EMBEDDED_DIR": "embedded_dir",
-}
+#: Every setting ``key`` is also the environment variable ``OBAN_<KEY>`` (``pool_size`` ->
+#: ``OBAN_POOL_SIZE``), derived from the fields so a new setting gets one without a line here.
+ENV_PREFIX = "OBAN_"
+#: Names the TOML file when no path is given (``-c`` wins over it).
+CONFIG_FILE_VAR = "OBAN_CONFIG"
+#: The DSN when neither ``dsn`` nor ``OBAN_DSN`` gives one (the Heroku/Render/Railway convention).
+DATABASE_URL_VAR = "DATABASE_URL"
+_NULLS = frozenset({"null", "none"})
+# SQLAlchemy spells the driver into the scheme; the rest of its URL is the libpq one asyncpg reads.
+_DRIVER_SUFFIX = re.compile(r"^(\s*postgres(?:ql)?)\+[A-Za-z0-9_]+(?=://)", re.IGNORECASE)
 
 
-def env_settings(env: Mapping[str, str]) -> dict[str, Any]:
-    """Settings given as ``OBAN_*`` environment variables."""
+def env_var(key: str) -> str:
+    """The environment variable of setting ``key``: ``OBAN_`` and the key in capitals."""
+    return ENV_PREFIX + key.upper()
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The origins of a field's type, with ``None`` for an optional one (``list[str] | None``)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else ()
+    return {None if a is type(None) else (typing.get_origin(a) or a) for a in args or (annotation,)}
+
+
+def _env_value(key: str, text: str) -> Any:
+    """An ``OBAN_*`` value for ``key``: JSON when it starts with ``[`` or ``{``, ``null``/``none`` for an
+    optional setting, a comma-separated list for a list setting, else the text (pydantic converts
+    numbers and booleans, and ``queues`` reads ``q:n,...``)."""
+    kinds = _kinds(Config.model_fields[key].annotation)
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON ({exc.msg})", key=key, value=text, source="env") from None
+    if stripped.lower() in _NULLS and None in kinds:
+        return None
+    if kinds & {list, tuple, set, frozenset}:
+        return [m.strip() for m in text.split(",") if m.strip()]
+    return text
+
+
+def env_settings(env: Mapping[str, str], *, database_url: bool = True) -> dict[str, Any]:
+    """Settings given as ``OBAN_*`` environment variables (an empty one is not set).
+
+    With ``database_url``, ``DATABASE_URL`` is the DSN when ``OBAN_DSN`` is not set: right when the only
+    later layer is arguments (``Oban(...)``); :func:`load_config` puts it below the TOML file instead.
+    """
     out: dict[str, Any] = {}
-    for var, key in _ENV.items():
-        value = env.get(var)
+    for key in Config.model_fields:
+        value = env.get(env_var(key))
         if value is None or value == "":
             continue
-        out[key] = [m.strip() for m in value.split(",") if m.strip()] if key == "modules" else value
+        out[key] = _env_value(key, value)
+    if database_url and "dsn" not in out and env.get(DATABASE_URL_VAR):
+        out["dsn"] = env[DATABASE_URL_VAR]
     return out
 
 
@@ -252,14 +326,19 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Read ``path`` (or ./oban.toml if present), then ``OBAN_*`` env vars, then ``overrides``."""
+    """Read ``path`` (or ``$OBAN_CONFIG``, or ./oban.toml if present), then ``OBAN_*`` env vars, then
+    ``overrides``; ``DATABASE_URL`` is the DSN when none of them gives one."""
+    env = os.environ if env is None else env
     layers: list[tuple[str, Mapping[str, Any]]] = []
+    if env.get(DATABASE_URL_VAR):  # the lowest layer: any dsn, OBAN_DSN or --dsn wins over it
+        layers.append((f"env {DATABASE_URL_VAR}", {"dsn": env[DATABASE_URL_VAR]}))
+    path = path if path is not None else env.get(CONFIG_FILE_VAR) or None
     if path is not None:
         file = Path(path)
         layers.append((str(file), _read_toml(file)))
     elif Path(DEFAULT_FILE).is_file():
         layers.append((DEFAULT_FILE, _read_toml(Path(DEFAULT_FILE))))
-    env_values = env_settings(os.environ if env is None else env)
+    env_values = env_settings(env, database_url=False)
     if env_values:
         layers.append(("env", env_values))
     if overrides:

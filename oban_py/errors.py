@@ -137,13 +137,15 @@ class UniqueConflict(ObanError):
     Raised by :meth:`Oban.retry_job` and friends; ``holder_id`` is the job that holds the key now.
     """
 
-    def __init__(self, job_id: int, holder_id: int, state: str | None = None) -> None:
+    def __init__(
+        self, job_id: int, holder_id: int, state: str | None = None, *, action: str = "retried"
+    ) -> None:
         self.job_id = job_id
         self.holder_id = holder_id
         self.holder_state = state
         held = f" ({state})" if state else ""
         super().__init__(
-            f"job {job_id} cannot be retried: its unique key is held by job {holder_id}{held}; cancel or "
+            f"job {job_id} cannot be {action}: its unique key is held by job {holder_id}{held}; cancel or "
             f"delete job {holder_id} first, or retry with unique checks bypassed"
         )
 

@@ -1,24 +1,32 @@
-"""Changing jobs from outside: cancel, delete and retry, as statements the facade calls.
+"""Changing jobs from outside: cancel, delete, retry and update, as statements the facade calls.
 
 Each is one statement or one transaction, safe to run again when it deadlocks (it was rolled back
 whole). A retry is an insert of the job again: it takes its unique key, so it can conflict; then
 :func:`retry` retries none of the jobs and raises :class:`UniqueConflict` naming the holder.
-Interrupting the jobs that were running is the caller's part (:func:`interrupt_message`).
+Interrupting the jobs that were running is the caller's part (:func:`interrupt_message`). An update
+that moves a unique job back into its unique group takes its key in the same transaction, or changes
+nothing and raises :class:`UniqueConflict` (:func:`update`).
 """
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from .db.retry import retry_deadlocks
-from .errors import UniqueConflict
+from .errors import UniqueConflict, ValidationError
+from .validation import validate_meta, validate_priority, validate_queue, validate_scheduled_at, validate_tags
 
 if TYPE_CHECKING:
     from .db.driver import Driver
 
-__all__ = ["cancel", "delete", "interrupt_message", "retry"]
+__all__ = ["UPDATABLE", "cancel", "delete", "interrupt_message", "retry", "update", "update_params"]
+
+#: The states in which a job can be updated: it has not started.
+UPDATABLE = ("available", "scheduled")
 
 
 async def cancel(driver: Driver, ids: list[int], reason: str | None) -> list[Any]:
@@ -93,3 +101,61 @@ async def conflict(driver: Driver, ids: list[int], *, blocked: Any = None) -> Un
 
 class Rollback(Exception):
     """Raised inside a transaction only to roll it back."""
+
+
+def update_params(
+    *,
+    priority: int | None = None,
+    scheduled_at: datetime | None = None,
+    queue: str | None = None,
+    tags: list[str] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``job_update`` parameters for these changes, each checked by the rule an insert uses."""
+    if all(v is None for v in (priority, scheduled_at, queue, tags, meta)):
+        raise ValidationError("changes", {}, "give at least one of priority, scheduled_at, queue, tags, meta")
+    return {
+        "priority": None if priority is None else validate_priority(priority),
+        "scheduled_at": None if scheduled_at is None else validate_scheduled_at(scheduled_at),
+        "queue": None if queue is None else validate_queue(queue),
+        "tags": None if tags is None else validate_tags(tags),
+        "meta": None if meta is None else json.dumps(dict(validate_meta(meta))),
+    }
+
+
+async def update(driver: Driver, ids: list[int], changes: dict[str, Any]) -> list[Any]:
+    """Update the jobs of ``ids`` that are available or scheduled, all or nothing; their new rows.
+
+    Rows that re-entered their unique group take their key back here; if another job holds it,
+    nothing changes and :class:`UniqueConflict` names the holder. Queues that got an available job
+    (moved to them, or due now) are notified, so their producers fetch it without waiting for a poll.
+    """
+
+    async def run() -> list[Any]:
+        async with driver.transaction() as conn:
+            rows = await driver.fetch("job_update", conn, ids=ids, **changes)
+            for row in rows:
+                if row["parked"]:
+                    await take_key(driver, conn, row["id"])
+            woken = {
+                r["queue"]
+                for r in rows
+                if r["state"] == "available" and (r["was"] != "available" or r["queue"] != r["was_queue"])
+            }
+            for queue in sorted(woken):
+                await driver.notify(driver.insert_channel, queue, conn)
+        return rows
+
+    return await retry_deadlocks(run)
+
+
+async def take_key(driver: Driver, conn: Any, job_id: int) -> None:
+    """Give a parked row its unique key back (in a savepoint), or raise naming the holder."""
+    try:
+        async with conn.transaction():
+            await driver.fetchrow("job_unpark", conn, id=job_id)
+    except asyncpg.UniqueViolationError:
+        holder = await driver.fetchrow("job_unique_holder", conn, id=job_id)
+        raise UniqueConflict(
+            job_id, holder["id"] if holder else -1, holder["state"] if holder else None, action="updated"
+        ) from None

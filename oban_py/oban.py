@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
 from . import _insert, instances
 from ._secrets import masked_dsn
+from .api.cron import CronAPI
 from .api.jobs import JobsAPI
 from .api.queues import QueuesAPI
 from .config import Config, build_config, env_settings, load_config
@@ -33,6 +34,7 @@ from .db.driver import Driver
 from .db.lease import Leases
 from .db.migrate import current_version, latest_version, migrate, rollback
 from .errors import MigrationError, ObanError
+from .hooks.lifecycle import HOOK_KEYS, HookSpec, call_hooks, resolve_hooks
 from .job import Job
 from .runtime.events import Events
 from .runtime.node import Node
@@ -41,6 +43,9 @@ from .worker import spec_for
 __all__ = ["Oban", "resolve_dsn"]
 
 log = logging.getLogger("oban_py")
+
+#: A hook parameter: a callable or dotted path, or a list of them (see docs/hooks.md).
+HookSetting = HookSpec | Sequence[HookSpec]
 
 
 def resolve_dsn(config: Config) -> tuple[str, bool]:
@@ -52,7 +57,7 @@ def resolve_dsn(config: Config) -> tuple[str, bool]:
     return embedded_dsn(config.embedded_dir), True
 
 
-class Oban(JobsAPI, QueuesAPI):
+class Oban(JobsAPI, QueuesAPI, CronAPI):
     """An engine instance: a connection pool, optionally queues running in this process."""
 
     def __init__(
@@ -65,10 +70,14 @@ class Oban(JobsAPI, QueuesAPI):
         node: str | None = None,
         name: str = "default",
         config: Config | None = None,
+        on_start: HookSetting | None = None,
+        on_stop: HookSetting | None = None,
+        on_error: HookSetting | None = None,
         **options: Any,
     ) -> None:
         # None means "not given" for the named parameters; in **options it is a value (prune_after=None).
-        named = {"dsn": dsn, "queues": queues, "prefix": prefix, "node": node}
+        named: dict[str, Any] = {"dsn": dsn, "queues": queues, "prefix": prefix, "node": node}
+        named.update(on_start=on_start, on_stop=on_stop, on_error=on_error)  # hooks: docs/hooks.md
         overrides = {**{k: v for k, v in named.items() if v is not None}, **options}
         if config is None:
             # OBAN_* environment variables, then arguments (oban.toml is read only by from_toml/the runner).
@@ -89,6 +98,7 @@ class Oban(JobsAPI, QueuesAPI):
         self._started = False
         self._lock = asyncio.Lock()
         self._stuck: list[int] = []
+        self._hooks: dict[str, tuple[Callable[..., Any], ...]] = {}
 
     # -- construction helpers ---------------------------------------------------------------------
 
@@ -129,6 +139,8 @@ class Oban(JobsAPI, QueuesAPI):
         async with self._lock:
             if self._started:
                 return self
+            # Every hook path is imported now: a typo fails the start, not the first error or stop.
+            self._hooks = {key: resolve_hooks(self.config, key) for key in HOOK_KEYS}
             embedded = False
             if self.pool is None:
                 dsn, embedded = await asyncio.to_thread(resolve_dsn, self.config)
@@ -149,13 +161,16 @@ class Oban(JobsAPI, QueuesAPI):
                 else:
                     await self._check_schema()
                 if self.config.queues:
-                    self.node = Node(self._driver, self.config, events=self.events)
+                    self.node = Node(
+                        self._driver, self.config, events=self.events, on_error=self._hooks["on_error"]
+                    )
                     await self.node.start()
             except BaseException:
                 await self._close_pool()
                 raise
             self._started = True
             instances.register(self)
+            await call_hooks(self._hooks["on_start"], "on_start")
             return self
 
     @property
@@ -169,6 +184,7 @@ class Oban(JobsAPI, QueuesAPI):
         async with self._lock:
             if not self._started:
                 return
+            await call_hooks(self._hooks.get("on_stop", ()), "on_stop")
             instances.unregister(self)
             if self.node is not None:
                 await self.node.stop(shutdown_timeout)

@@ -1,8 +1,8 @@
 """What every queue and limit key is doing right now, across the cluster (``Oban.check_queues``).
 
-Answers "why is nothing running?": per queue, how many jobs are available, running, scheduled or
-waiting to retry, which nodes run it with which limits, and per keyed limit, how many jobs run and
-how many wait for a slot.
+Answers "why is nothing running?": per queue, how many jobs are in each state (finished ones until
+they are pruned), which nodes run it with which limits and whether they are paused, and per keyed
+limit, how many jobs run and how many wait for a slot.
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ class QueueStatus:
     executing: int = 0
     scheduled: int = 0
     retryable: int = 0
+    completed: int = 0
+    discarded: int = 0
+    cancelled: int = 0
     nodes: list[NodeQueue] = field(default_factory=list)
     global_limit: int | None = None
     rate_limit: dict[str, Any] | None = None
+
+    @property
+    def paused(self) -> bool | None:
+        """True when every node running it is paused, False when none is, None when some are (or no
+        node runs it)."""
+        states = {n.paused for n in self.nodes}
+        return states.pop() if len(states) == 1 else None
 
 
 @dataclass

@@ -17,6 +17,8 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, overload
 
+from .cron.registry import register_cron, unregister_cron
+from .cron.task import CronTaskConfig, parse_worker_cron
 from .errors import ValidationError
 from .job import Job
 from .validation import (
@@ -95,8 +97,9 @@ def worker(cls: Any = None, /, **options: Any) -> Any:
     Options: ``queue`` (default "default"), ``max_attempts`` (20), ``priority`` (0, runs first; 0-9),
     ``tags``, ``meta``, ``timeout`` (seconds), ``unique`` (see :mod:`oban_py.unique`), ``args`` (a
     pydantic model that validates args at insert and is what ``process`` receives), ``name`` (the
-    stored worker name; default ``module.QualName``) and ``oban`` (name of the Oban instance that
-    ``enqueue`` inserts through).
+    stored worker name; default ``module.QualName``), ``oban`` (name of the Oban instance that
+    ``enqueue`` inserts through) and ``cron`` (a schedule, or a dict of task options: a recurring task
+    named after the worker, see docs/recurring.md).
     """
 
     def decorate(klass: W) -> W:
@@ -108,11 +111,13 @@ def worker(cls: Any = None, /, **options: Any) -> Any:
                 "process", klass, "a worker class needs a process(self, job) method", worker=name
             )
         spec = build_spec(name, klass, options, is_async=inspect.iscoroutinefunction(process))
+        cron = _cron_option(name, options)
         klass.__oban_worker__ = spec  # type: ignore[attr-defined]
         for method in ("new", "enqueue"):  # Worker's own classmethods, bound to klass when looked up
             if method not in klass.__dict__:
                 setattr(klass, method, Worker.__dict__[method])
         register(spec)
+        _register_cron(name, cron)
         return klass
 
     if cls is not None:
@@ -240,13 +245,28 @@ def job(fn: Any = None, /, **options: Any) -> Any:
                 f"{getattr(func, '__name__', 'job')}_worker", (_FunctionRunner,), {"fn": staticmethod(func)}
             )
         spec = build_spec(name, runner, options, is_async=is_async)
+        cron = _cron_option(name, options)
         runner.__oban_worker__ = spec
         register(spec)
+        _register_cron(name, cron)
         return FunctionJob(func, spec, signature)
 
     if fn is not None:
         return decorate(fn)
     return decorate
+
+
+def _cron_option(name: str, options: dict[str, Any]) -> CronTaskConfig | None:
+    """The ``cron=`` option checked (before anything is registered), or None."""
+    return None if options.get("cron") is None else parse_worker_cron(name, options["cron"])
+
+
+def _register_cron(name: str, cron: CronTaskConfig | None) -> None:
+    """A worker redefined without ``cron=`` loses its task, as it loses its other options."""
+    if cron is None:
+        unregister_cron(name)
+    else:
+        register_cron(name, cron)
 
 
 def spec_for(target: Any) -> WorkerSpec:

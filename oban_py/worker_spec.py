@@ -70,6 +70,7 @@ WORKER_OPTIONS = frozenset(
         "name",
         "interruptible",
         "oban",
+        "cron",
     }
 )
 

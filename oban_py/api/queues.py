@@ -1,11 +1,12 @@
-"""Queue control on the facade: pause, resume, scale, the cluster overview, and draining a queue."""
+"""Queue control on the facade: pause, resume, scale, start and stop, the cluster overview, and draining
+a queue."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from ..errors import LimitOptionsError
+from ..errors import LimitOptionsError, ValidationError
 from ..overview import Overview, overview
 from ..runtime.drain import drain
 from ..runtime.queues import QueueState
@@ -36,8 +37,14 @@ class QueuesAPI(EngineBase):
         paused: bool | None = None,
         limit: int | None = None,
         global_limit: int | None = None,
+        started: bool | None = None,
     ) -> None:
-        validate_queue_pattern(queue)
+        if started is None:
+            validate_queue_pattern(queue)
+        else:
+            validate_queue(queue)  # a producer serves a name; a selection belongs in the config
+        if node is not None and (not isinstance(node, str) or not node.strip()):
+            raise ValidationError("node", node, "must be a non-empty node name (or None: every node)")
         validate_queue_limits(limit, global_limit)
         await self.driver.execute(
             "queue_control_upsert",
@@ -46,6 +53,7 @@ class QueuesAPI(EngineBase):
             paused=paused,
             local_limit=limit,
             global_limit=global_limit,
+            started=started,
         )
         await self.driver.notify(
             self.driver.signal_channel, json.dumps({"kind": "control", "queue": queue, "node": node})
@@ -75,6 +83,24 @@ class QueuesAPI(EngineBase):
         if global_limit is not None and node is not None:
             raise LimitOptionsError("node", node, "global_limit applies to every node; do not name one")
         await self._control(queue, node, limit=limit, global_limit=global_limit)
+
+    async def start_queue(self, queue: str, *, limit: int = 10, node: str | None = None) -> None:
+        """Run ``queue`` (``limit`` jobs at once per node) on every node with queues, or on ``node``.
+
+        Stored in ``oban_queues``: a node started or restarted later runs it too, until ``stop_queue``.
+        Takes effect within a second (at once where the signal is heard). A queue already running
+        keeps its producer; use ``scale_queue`` to change its limit.
+        """
+        await self._control(queue, node, limit=limit, started=True)
+
+    async def stop_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Stop running ``queue`` on every node (or ``node``), configured or started at run time.
+
+        Like a shutdown: fetching stops, running jobs get ``shutdown_timeout`` to finish, then are
+        put back in the queue; nothing is lost. Stored, so restarts keep it stopped until
+        ``start_queue``. Jobs stay in the queue for whoever runs it.
+        """
+        await self._control(queue, node, started=False)
 
     async def check_queues(self, *, limit_keys: int = 50) -> Overview:
         """Every queue (jobs by state, nodes running it and their limits) and the busiest limit keys

@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ConfigError, ObanError
-from . import demo, migrate, queues, start, version
+from . import cron, demo, health, jobs, migrate, queues, start, version
 from .common import one_line
 
 __all__ = ["main"]
 
 #: The command modules, in the order ``--help`` lists them.
-COMMANDS = [version, migrate, start, queues, demo]
+COMMANDS = [version, migrate, start, health, jobs, queues, cron, demo]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         "-c", "--config", metavar="PATH", help="TOML config file (default: ./oban.toml if present)"
     )
     parser.add_argument(
-        "--dsn", help="PostgreSQL DSN (default: OBAN_DSN, the config file, or embedded PostgreSQL)"
+        "--dsn",
+        help="PostgreSQL DSN (default: OBAN_DSN, the config file, DATABASE_URL, or embedded PostgreSQL)",
     )
     parser.add_argument("--prefix", help="schema holding the oban tables (default: public)")
 

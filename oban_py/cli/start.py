@@ -1,9 +1,9 @@
-"""``oban-py start``: run the configured queues until SIGTERM/SIGINT."""
+"""``oban-py start``: run the configured queues until SIGTERM/SIGINT (see :mod:`oban_py.runner`)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 
 from .common import Sub, add_common, config_from
 
@@ -19,6 +19,13 @@ def register(sub: Sub) -> None:
     start.add_argument(
         "--migrate", action="store_true", default=None, help="apply migrations before starting"
     )
+    start.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes under a supervisor (default: 1, no supervisor)",
+    )
+    start.add_argument("--pidfile", metavar="PATH", help="write (and lock) the pid here while running")
     start.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     start.add_argument("--log-format", choices=["text", "json"])
     start.set_defaults(handler=run)
@@ -26,8 +33,7 @@ def register(sub: Sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._logging import setup_logging
-    from ..runner import import_modules
-    from ..runner import run as run_queues
+    from ..runner import start
 
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     config = config_from(
@@ -36,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
         node=args.node,
         modules=modules,
         migrate=args.migrate,
+        processes=args.processes,
+        pidfile=args.pidfile,
         log_level=args.log_level,
         log_format=args.log_format,
     )
     setup_logging(config.log_level, config.log_format)
-    import_modules(config.modules, source=args.config or "oban.toml")
-    return asyncio.run(run_queues(config))
+    return start(config, source=args.config or os.environ.get("OBAN_CONFIG") or "oban.toml")

@@ -54,6 +54,39 @@ def _is_denied(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE
 
 
+# Oban for Elixir (and the `oban` Python package, which shares its schema) name their tables like ours
+# and record their version as a comment on oban_jobs; ours always comes with our oban_migrations.
+_OUR_MIGRATION_COLUMNS = frozenset({"version", "name", "applied_at"})
+_THEIR_TABLES = ("oban_jobs", "oban_peers", "oban_producers", "oban_crons")
+
+
+async def _foreign_tables(conn: Any, prefix: str) -> str | None:
+    """What in ``prefix`` belongs to another Oban, or None: ``oban_jobs`` without our migrations table
+    (or before our first migration), or an ``oban_migrations`` table that is not ours."""
+    rows = await conn.fetch(
+        "SELECT c.relname::text AS name, obj_description(c.oid, 'pg_class') AS comment,"
+        " ARRAY(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0"
+        "       AND NOT a.attisdropped) AS columns"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname LIKE 'oban\\_%'",
+        prefix,
+    )
+    tables = {r["name"]: r for r in rows}
+    ledger = tables.get("oban_migrations")
+    if ledger is not None and not set(ledger["columns"]) >= _OUR_MIGRATION_COLUMNS:
+        return "an oban_migrations table that is not oban_py's"
+    if "oban_jobs" not in tables:
+        return None
+    if ledger is not None:
+        q = quote_ident(prefix)
+        if await conn.fetchval(f"SELECT EXISTS (SELECT FROM {q}.oban_migrations WHERE version = 1)"):
+            return None  # ours: migration 001 created oban_jobs
+    found = ", ".join(t for t in _THEIR_TABLES if t in tables)
+    comment = (tables["oban_jobs"]["comment"] or "").strip()
+    marker = f"; oban_jobs is marked as Oban version {comment}" if comment.isdigit() else ""
+    return f"tables of another Oban ({found}{marker})"
+
+
 async def _locked_versions(conn: Any, prefix: str) -> tuple[_Target, set[int]]:
     q = quote_ident(prefix)
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"oban_py.migrate:{prefix}")
@@ -71,6 +104,13 @@ async def _locked_versions(conn: Any, prefix: str) -> tuple[_Target, set[int]]:
         ),
         prefix,
     )
+    foreign = await _foreign_tables(conn, prefix) if target.schema_exists else None
+    if foreign is not None:
+        raise MigrationError(
+            f"schema {prefix!r} already holds {foreign}: Oban for Elixir and the `oban` Python package use "
+            "the same table names, and oban_py's tables differ. Give oban_py a schema of its own: "
+            f'`oban-py migrate --prefix oban_py` (and prefix = "oban_py" in its config)'
+        )
     if not target.schema_exists:
         try:
             await conn.execute(f"CREATE SCHEMA {q}")

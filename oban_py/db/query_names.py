@@ -12,6 +12,7 @@ __all__ = ["ManyQuery", "OneQuery", "ScalarQuery", "ExecQuery", "QueryName"]
 
 #: Queries run with ``Driver.fetch`` (``:many``).
 ManyQuery = Literal[
+    "cron_states",
     "job_ack",
     "job_ack_completed",
     "job_cancel",
@@ -24,12 +25,15 @@ ManyQuery = Literal[
     "job_insert_one",
     "job_insert_plain",
     "job_insert_resolve",
+    "job_list",
+    "job_list_ids",
     "job_parked",
     "job_release_unknown",
     "job_replace",
     "job_rescue",
     "job_retry",
     "job_stage",
+    "job_update",
     "limit_overview",
     "node_list",
     "queue_controls",
@@ -53,7 +57,12 @@ ScalarQuery = Literal[
 
 #: Queries run with ``Driver.execute`` (``:exec``).
 ExecQuery = Literal[
+    "cron_advance",
+    "cron_pause",
+    "cron_ran",
+    "cron_seen",
     "job_make_due",
+    "job_plan_custom",
     "job_prune",
     "job_unique_sweep",
     "jobs_vacuum",

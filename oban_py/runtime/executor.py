@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 from ..errors import UnknownWorker
+from ..hooks.callbacks import WorkerCallbacks, callbacks_for
 from ..job import Job, JobControl
 from ..worker_spec import WorkerSpec, get_worker
 from .execution import TIMEOUT, Execution, current, running, uncancel
@@ -54,8 +55,9 @@ def _timeout_for(spec: WorkerSpec, instance: Any, job: Job[Any]) -> float | None
 
 async def execute(execution: Execution) -> Ack | None:
     """Run the job once and return its ack. Never raises: an engine interrupt (see
-    :meth:`Execution.interrupt`) becomes the ack that reason calls for."""
-    job, claim = execution.job, execution.claim
+    :meth:`Execution.interrupt`) becomes the ack that reason calls for. The worker's callbacks, if it
+    has any (:mod:`oban_py.hooks.callbacks`), run around the attempt and never change its ack."""
+    job = execution.job
     execution.running = True
     if execution.interrupted():  # interrupted before it started
         return interrupted_ack(execution)
@@ -63,12 +65,32 @@ async def execute(execution: Execution) -> Ack | None:
         spec = get_worker(job.worker)
     except UnknownWorker as exc:
         log.warning("job %s: %s", job.id, exc, extra={"job_id": job.id, "worker": job.worker})
-        return failure(job, claim, exc, None, "unknown_worker")
-    instance: Any = None
+        return failure(job, execution.claim, exc, None, "unknown_worker")
     token = current.set(job)
     execution_token = running.set(execution)
     try:
+        callbacks = callbacks_for(spec.cls)
+        ack, instance, error = await _attempt(execution, spec, callbacks)
+        if callbacks is not None and instance is not None:
+            await callbacks.after(instance, execution, ack, error)
+        return ack
+    finally:
+        running.reset(execution_token)
+        current.reset(token)
+
+
+async def _attempt(
+    execution: Execution, spec: WorkerSpec, callbacks: WorkerCallbacks | None
+) -> tuple[Ack | None, Any, BaseException | None]:
+    """The attempt itself: (its ack, the worker instance if one was made, what ``process`` raised)."""
+    job, claim = execution.job, execution.claim
+    instance: Any = None
+    try:
         instance = spec.cls()
+        if callbacks is not None:
+            await callbacks.before(instance, execution)
+            if execution.interrupted():  # stopped while before_process ran
+                return interrupted_ack(execution), instance, None
         job.args = spec.load_args(job.args)
         timeout = _timeout_for(spec, instance, job)
         if spec.is_async:
@@ -80,15 +102,12 @@ async def execute(execution: Execution) -> Ack | None:
         else:
             outcome = await run_in_thread(execution, instance.process, timeout, spec.interruptible)
         if execution.interrupted():
-            return interrupted_ack(execution)
+            return interrupted_ack(execution), instance, None
         if isinstance(outcome, JobControl):
-            return control_ack(job, claim, outcome)
-        return Ack(job.id or 0, claim, "completed")
+            return control_ack(job, claim, outcome), instance, None
+        return Ack(job.id or 0, claim, "completed"), instance, None
     except BaseException as exc:
-        return _outcome_of(execution, exc, instance)
-    finally:
-        running.reset(execution_token)
-        current.reset(token)
+        return _outcome_of(execution, exc, instance), instance, exc
 
 
 def _outcome_of(execution: Execution, exc: BaseException, instance: Any) -> Ack | None:

@@ -21,11 +21,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import DatabaseUnavailable
+from ..hooks.lifecycle import resolve_hooks
+from ..hooks.reporting import ErrorReporter
 from .claims import ClaimGate
 from .events import Events
 from .execution import Execution
@@ -54,10 +56,20 @@ def default_node_name() -> str:
 
 
 class Node:
-    def __init__(self, driver: Driver, config: Config, *, events: Events | None = None) -> None:
+    def __init__(
+        self,
+        driver: Driver,
+        config: Config,
+        *,
+        events: Events | None = None,
+        on_error: Sequence[Callable[..., Any]] | None = None,
+    ) -> None:
         self.driver = driver
         self.config = config
         self.name = config.node or default_node_name()
+        handlers = resolve_hooks(config, "on_error") if on_error is None else on_error
+        #: Where the node's components report their own failures (``on_error``, docs/hooks.md).
+        self.reporter = ErrorReporter(handlers, node=self.name)
         self.instance = str(uuid.uuid4())
         self.events = events or Events()
         self.stuck: list[Execution] = []
@@ -75,6 +87,7 @@ class Node:
             stall_limit=max(60.0, 2 * config.rescue_after),
             meta=lambda: self._meta_text or "{}",  # read from the lifeline's thread
             on_rejoined=lambda: self.guard.rejoined(),
+            reporter=self.reporter,
         )
         self.queues = QueueSet(
             config,
@@ -87,6 +100,7 @@ class Node:
                 gate=self.gate,
                 reconcile=lambda: self.roster.reconciler.kick(),
                 may_claim=lambda: self.guard.may_claim(),
+                reporter=self.reporter,
             ),
         )
         self.guard = LeaseGuard(
@@ -99,10 +113,20 @@ class Node:
         self.notifier: Notifier | None = None
         if config.notifier == "listen":
             self.notifier = Notifier(
-                driver, on_insert=self._on_insert, on_signal=self.apply_signal, on_connect=self._on_connect
+                driver,
+                on_insert=self._on_insert,
+                on_signal=self.apply_signal,
+                on_connect=self._on_connect,
+                reporter=self.reporter,
             )
         ctx = DutyContext(
-            driver, self.name, self.instance, self.events, wake=self._wake, is_leader=self._is_leader
+            driver,
+            self.name,
+            self.instance,
+            self.events,
+            wake=self._wake,
+            is_leader=self._is_leader,
+            reporter=self.reporter,
         )
         self.roster = Roster.build(
             ctx, config, queues=self.queues, gate=self.gate, healthy_since=lambda: self.lifeline.healthy_since
@@ -119,6 +143,7 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.reporter.bind()
         self._meta_text = self._meta()
         sent = time.monotonic()
         await heartbeat(self.driver, instance=self.instance, node=self.name, meta=self._meta_text)
@@ -132,8 +157,7 @@ class Node:
                 await asyncio.wait_for(self.notifier.tried.wait(), LISTEN_WAIT)
         for duty in self.duties:
             duty.start()
-        for producer in self.queues:
-            producer.start()
+        self.queues.start()
         self._started = True
         log.info(
             "node %s started: queues %s",
@@ -151,7 +175,7 @@ class Node:
             return
         self._started = False
         timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
-        await asyncio.gather(*(p.stop(timeout) for p in self.queues))
+        await self.queues.stop(timeout)
         self.stuck = self.queues.stuck()
         for duty in self.duties:
             await duty.stop()
@@ -172,6 +196,7 @@ class Node:
         except (DatabaseUnavailable, asyncio.TimeoutError) as exc:
             log.warning("node %s: could not deregister (%s); other nodes will time it out", self.name, exc)
         self.leader.is_leader = False
+        await self.reporter.flush()
         log.info("node %s stopped", self.name, extra={"node": self.name})
         self.events.emit("node.stopped", node=self.name)
 
@@ -187,12 +212,12 @@ class Node:
 
         def done(t: asyncio.Task[Any]) -> None:
             self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                exc = t.exception()
-                if isinstance(exc, DatabaseUnavailable):
-                    log.warning("background task: %s", exc)
-                else:
-                    log.error("background task failed", exc_info=exc)
+            exc = None if t.cancelled() else t.exception()
+            if isinstance(exc, DatabaseUnavailable):
+                log.warning("background task: %s", exc)
+            elif exc is not None:
+                log.error("background task failed", exc_info=exc)
+                self.reporter.report(exc, "node", "background")
 
         task.add_done_callback(done)
 
@@ -200,8 +225,8 @@ class Node:
 
     def apply_signal(self, message: dict[str, Any]) -> None:
         """Act on a signal (``oban_signal`` NOTIFY payload, or the facade's own, applied locally first):
-        ``control`` (re-read queue controls), ``interrupt`` (stop running jobs: cancel/delete),
-        ``leader`` (the leader resigned: contend now)."""
+        ``control`` (re-read queue controls: pause, scale, start, stop), ``interrupt`` (stop running
+        jobs: cancel/delete), ``leader`` (the leader resigned: contend now)."""
         kind = message.get("kind")
         if kind == "control":
             node = message.get("node")

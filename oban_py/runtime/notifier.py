@@ -14,7 +14,8 @@ Failure modes:
 Either way ``connected`` is cleared, the connection is discarded, and the notifier reconnects with
 backoff (up to 5 s), LISTENs again and calls ``on_connect``, which wakes every producer so that inserts
 notified during the gap are picked up at once; meanwhile producers poll every ``poll_interval``. One
-warning is logged per outage, one info line when it ends. ``stop()`` never raises.
+warning is logged per outage, one info line when it ends, and the outage is reported to ``on_error``
+once. ``stop()`` never raises.
 
 With PgBouncer in transaction pooling mode LISTEN does not work: set ``notifier = "poll"``.
 """
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..db.connect import is_transient
 from ..errors import DatabaseUnavailable
+from ..hooks.reporting import ErrorReporter
 from .backoff import Backoff
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class Notifier:
         on_connect: Callable[[], None],
         health_interval: float = 10.0,
         health_timeout: float = 5.0,
+        reporter: ErrorReporter | None = None,
     ) -> None:
         self.driver = driver
         self.on_insert = on_insert
@@ -63,6 +66,7 @@ class Notifier:
         self.on_connect = on_connect
         self.health_interval = health_interval
         self.health_timeout = health_timeout
+        self.reporter = reporter or ErrorReporter()
         #: Set while a LISTEN connection is up.
         self.connected = asyncio.Event()
         #: Set once the first connect-and-LISTEN attempt has ended, in success or failure (a node's
@@ -136,6 +140,7 @@ class Notifier:
                 self._ever_connected = True
                 down_since = None
                 backoff.reset()
+                self.reporter.recovered("notifier")
                 self.connected.set()
                 self.tried.set()
                 try:
@@ -182,6 +187,7 @@ class Notifier:
 
     def _report(self, exc: Exception, failures: int) -> None:
         """One warning per outage; a non-transient error (a bug) with its traceback, now and then."""
+        self.reporter.report(exc, "notifier")  # once per outage: the reporter knows it is still open
         if not is_transient(exc):
             if failures in (0, 9, 99):
                 log.error("notifier failed; retrying", exc_info=exc)

@@ -25,7 +25,6 @@ Failure handling (``docs/guarantees.md``):
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +35,9 @@ from ..db import parking
 from ..db.connect import is_transient
 from ..db.rows import job_from_record
 from ..errors import DatabaseUnavailable, UnknownWorker
+from ..hooks.callbacks import CALLBACK_TIMEOUT
+from ..hooks.calling import call_contained
+from ..hooks.reporting import ErrorReporter
 from ..job import Job
 from ..worker_spec import get_worker
 from .backoff import Backoff
@@ -75,6 +77,8 @@ class ProducerContext:
     reconcile: Callable[[], None] = lambda: None
     # False while the node's lease may have run out: claims made then could be rescued at once.
     may_claim: Callable[[], bool] = lambda: True
+    #: Where failed cycles are reported (``on_error``), once per outage.
+    reporter: ErrorReporter = field(default_factory=ErrorReporter)
 
 
 class Producer:
@@ -108,6 +112,7 @@ class Producer:
         self._task: asyncio.Task[None] | None = None
         self._backoff = Backoff()
         self._riding = True  # completions ride along with the fetch (off after a refused fetch)
+        self._failing = False  # a cycle failed since the last good one (an on_error episode is open)
         self.cycle_started: float | None = None  # monotonic start of the cycle in flight
         self.completed = 0
         self.stuck: list[Execution] = []
@@ -225,6 +230,9 @@ class Producer:
                 else:  # pragma: no cover - Python 3.10
                     await asyncio.wait_for(self._cycle(), CYCLE_DEADLINE)
                 self._backoff.reset()
+                if self._failing:
+                    self._failing = False
+                    self.ctx.reporter.recovered("producer", self.name)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -245,8 +253,18 @@ class Producer:
             log.exception(
                 "queue %s: producer cycle failed; retrying in %.2fs", self.queue, delay, extra=extra
             )
+        self._failing = True
+        self.ctx.reporter.report(exc, "producer", self.name)
         if self._stopping and self._backoff.failures > 20:
             # Give up on the acks (the jobs are rescued); running jobs are stop()'s to handle.
+            log.error(
+                "queue %s: giving up on %d ack(s) while stopping; their jobs stay executing until rescued",
+                self.queue,
+                len(self._acks),
+                exc_info=exc,
+                extra=extra,
+            )
+            self.ctx.reporter.report(exc, "producer", self.name, final=True)
             self._acks.clear()
             self._detached = True
             return
@@ -386,18 +404,20 @@ class Producer:
 
 
 async def _on_skip(job: Job[Any]) -> None:
-    """Run the worker's ``on_skip(job)`` for a job skipped by its limit (best effort, logged)."""
+    """Run the worker's ``on_skip(job)`` for a job skipped by its limit (contained like every job
+    callback: bounded, logged, sync ones off the loop)."""
     try:
         spec = get_worker(job.worker)
     except UnknownWorker:
         return
-    hook = getattr(spec.cls, "on_skip", None)
     log.info("job %s (%s) skipped: its limit key is busy", job.id, job.worker, extra={"job_id": job.id})
-    if hook is None:
+    if getattr(spec.cls, "on_skip", None) is None:
         return
+    what = f"on_skip of job {job.id} ({job.worker})"
+    extra = {"job_id": job.id, "worker": job.worker, "callback": "on_skip"}
     try:
-        result = hook(spec.cls(), job)
-        if inspect.isawaitable(result):
-            await result
+        hook = spec.cls().on_skip
     except Exception:
-        log.exception("on_skip of job %s (%s) failed", job.id, job.worker)
+        log.exception("%s failed: the worker could not be instantiated", what, extra=extra)
+        return
+    await call_contained(hook, (job,), limit=CALLBACK_TIMEOUT, what=what, extra=extra)

@@ -3,22 +3,32 @@
 A producer serves one queue, or an ordered selection of queues (``queues = ["mail", "mail_*"]``) whose
 wildcard patterns are resolved against the queues that have jobs (:meth:`QueueSet.expand`). The node's
 duties (poller, controls, reconciler, lease guard) act on the set, never on a producer's internals.
+
+Queues started and stopped at run time (``start_queue``/``stop_queue``, stored in ``oban_queues``) are
+applied by the controls duty through :meth:`QueueSet.apply_started`. A stopped producer drains like
+shutdown (running jobs get ``shutdown_timeout``); until it has, it is *retiring*: it still counts for
+:meth:`held`, interrupts and :meth:`stuck`, so the reconciler never takes back a job it still runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..config import QueueConfig
 from .claims import Target
 from .execution import Execution
 from .producer import Producer, ProducerContext
 
 if TYPE_CHECKING:
-    from ..config import Config, QueueConfig
+    from ..config import Config
 
 __all__ = ["QueueSet", "QueueState"]
+
+log = logging.getLogger("oban_py.node")
 
 
 @dataclass(frozen=True)
@@ -38,12 +48,36 @@ class QueueState:
 class QueueSet:
     def __init__(self, config: Config, ctx: ProducerContext) -> None:
         self.config = config
+        self.ctx = ctx
+        #: What each producer was made from: its [queues] table, or ``limit`` of a ``start_queue``.
+        self.specs: dict[str, QueueConfig] = dict(config.queues)
         self.producers: dict[str, Producer] = {}
+        self.retiring: dict[Producer, asyncio.Task[None]] = {}
+        self.stopped_stuck: list[Execution] = []
+        self.started = self.closed = False
+        self.shutdown_timeout = config.shutdown_timeout
         for queue, qc in config.queues.items():
-            self.producers[queue] = self._producer(ctx, queue, qc)
+            self.producers[queue] = self._producer(queue, qc)
 
     def __iter__(self) -> Iterator[Producer]:
         return iter(self.producers.values())
+
+    def start(self) -> None:
+        """Start every producer; those added later (``start_queue``) start as they are added."""
+        self.started = True
+        for producer in self.producers.values():
+            producer.start()
+
+    async def stop(self, timeout: float) -> None:
+        """Drain every producer, and wait for those ``stop_queue`` is stopping; none starts after."""
+        self.started, self.closed = False, True
+        await asyncio.gather(
+            *(p.stop(timeout) for p in list(self.producers.values())),
+            *self.retiring.values(),
+        )
+
+    def _all(self) -> list[Producer]:
+        return [*self.producers.values(), *self.retiring]
 
     def target(self, queue: str) -> Target:
         """A queue with the limits configured for it on this node (in its own [queues.<name>] table)."""
@@ -52,12 +86,56 @@ class QueueSet:
             return Target(queue)
         return Target(queue, qc.global_limit, qc.rate_limit)
 
-    def _producer(self, ctx: ProducerContext, name: str, qc: QueueConfig) -> Producer:
+    def _producer(self, name: str, qc: QueueConfig) -> Producer:
         if qc.queues is None:
-            return Producer(ctx, name, qc.limit, paused=qc.paused, targets=[self.target(name)])
+            return Producer(self.ctx, name, qc.limit, paused=qc.paused, targets=[self.target(name)])
         exact = [self.target(q) for q in qc.queues if not q.endswith("*")]
         patterns = qc.queues if any(q.endswith("*") for q in qc.queues) else None
-        return Producer(ctx, name, qc.limit, paused=qc.paused, targets=exact, patterns=patterns)
+        return Producer(self.ctx, name, qc.limit, paused=qc.paused, targets=exact, patterns=patterns)
+
+    # -- started and stopped at run time ------------------------------------------------------------
+
+    def apply_started(self, wanted: dict[str, tuple[bool, int | None]]) -> list[str]:
+        """Apply stored ``start_queue``/``stop_queue`` commands: ``{queue: (started, limit)}``.
+
+        A started queue this node does not run gets a producer (``limit``, else 10); a stopped one it
+        runs is retired. Returns the queues changed. A queue with no command keeps its config.
+        """
+        changed: list[str] = []
+        if self.closed:
+            return changed  # the node is stopping: leave the set as it is
+        for name, (started, limit) in wanted.items():
+            if started and name not in self.producers:
+                qc = self.config.queues.get(name) or QueueConfig(limit=limit or 10)
+                self.specs[name] = qc
+                producer = self.producers[name] = self._producer(name, qc)
+                if self.started:
+                    producer.start()
+                log.info("queue %s started (limit %s)", name, producer.limit, extra={"queue": name})
+                changed.append(name)
+            elif not started and name in self.producers:
+                self._retire(name)
+                changed.append(name)
+        return changed
+
+    def _retire(self, name: str) -> None:
+        producer = self.producers.pop(name)
+        self.specs.pop(name, None)
+        if not self.started:
+            return  # never ran: nothing to drain
+        log.info("queue %s stopping: running jobs finish first", name, extra={"queue": name})
+
+        async def stop() -> None:
+            try:
+                await producer.stop(self.shutdown_timeout)
+            except Exception:
+                log.exception("queue %s: stopping failed", name, extra={"queue": name})
+            finally:
+                self.stopped_stuck.extend(producer.stuck)
+                self.retiring.pop(producer, None)
+                log.info("queue %s stopped", name, extra={"queue": name})
+
+        self.retiring[producer] = asyncio.get_running_loop().create_task(stop(), name=f"oban-stop-{name}")
 
     # -- routing ----------------------------------------------------------------------------------
 
@@ -111,17 +189,19 @@ class QueueSet:
 
     def held(self) -> set[int]:
         """Ids of every job a producer of this node holds a claim on."""
-        return {i for p in self.producers.values() for i in p.held()}
+        held = {i for p in self._all() for i in p.held()}
+        # A stopped queue's job whose body ignored its interrupt keeps its claim while it runs.
+        return held | {e.job.id for e in self.stopped_stuck if e.body_alive and e.job.id is not None}
 
     def interrupt(self, job_id: int, reason: str) -> bool:
-        return any(p.interrupt(job_id, reason) for p in self.producers.values())
+        return any(p.interrupt(job_id, reason) for p in self._all())
 
     def revoke(self) -> int:
         """Stop every running job (the lease may be lost); returns how many ran."""
-        return sum(p.revoke() for p in self.producers.values())
+        return sum(p.revoke() for p in self._all())
 
     def stuck(self) -> list[Execution]:
-        return [e for p in self.producers.values() for e in p.stuck]
+        return [*self.stopped_stuck, *(e for p in self._all() for e in p.stuck)]
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ ORDER BY waiting DESC, running DESC, key
 LIMIT :limit
 
 -- name: queue_overview :many
--- Live jobs per queue and state for check_queues (finished jobs are history and not counted).
+-- Jobs per queue and state for check_queues, finished ones included (history up to prune_after): one
+-- pass over the table, read by operators, never by the engine's loops.
 SELECT j.queue, j.state::text AS state, count(*) AS n
 FROM __prefix__.oban_jobs AS j
-WHERE j.state IN ('scheduled', 'available', 'executing', 'retryable')
 GROUP BY j.queue, j.state

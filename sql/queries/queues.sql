@@ -1,19 +1,21 @@
 -- oban_queues (runtime controls that survive restarts) and the queues that have work.
 
 -- name: queue_control_upsert :exec
--- Persist a pause/resume/scale for every node (node = '') or one node.
-INSERT INTO __prefix__.oban_queues AS q (name, node, paused, local_limit, global_limit, updated_at)
-VALUES (:name, :node, :paused, :local_limit, :global_limit, now())
+-- Persist a pause/resume/scale/start/stop for every node (node = '') or one node. A NULL leaves the
+-- stored value alone, so each command changes only what it names.
+INSERT INTO __prefix__.oban_queues AS q (name, node, paused, local_limit, global_limit, started, updated_at)
+VALUES (:name, :node, :paused, :local_limit, :global_limit, :started, now())
 ON CONFLICT (name, node) DO UPDATE SET
     paused = COALESCE(EXCLUDED.paused, q.paused),
     local_limit = COALESCE(EXCLUDED.local_limit, q.local_limit),
     global_limit = COALESCE(EXCLUDED.global_limit, q.global_limit),
+    started = COALESCE(EXCLUDED.started, q.started),
     updated_at = now()
 
 -- name: queue_controls :many
 -- Controls that apply to this node: cluster-wide rows and rows for this node name. The caller applies
 -- them oldest first, so the latest command wins (a cluster-wide resume after a node pause resumes it).
-SELECT name, node, paused, local_limit, global_limit, updated_at
+SELECT name, node, paused, local_limit, global_limit, started, updated_at
 FROM __prefix__.oban_queues
 WHERE node = '' OR node = :node
 ORDER BY updated_at

@@ -15,6 +15,7 @@ duty               runs on      does
 ``pruner``         leader       deletes old finished jobs
 ``unique_sweep``   leader       clears stale unique keys, settles parked rows
 ``vacuum``         leader       vacuums the jobs table past a dead-tuple threshold
+``scheduler``      leader       enqueues recurring (cron) tasks, once per tick (only with tasks)
 =================  ===========  ========================================================================
 
 Each :class:`~.duty.Duty` has a frozen, validated config, a public ``run_once()`` and the shared
@@ -31,6 +32,7 @@ from .poller import Poller, PollerConfig
 from .pruner import Pruner, PrunerConfig
 from .reconciler import Reconciler, ReconcilerConfig
 from .rescuer import Rescuer, RescuerConfig
+from .scheduler import Scheduler, SchedulerConfig
 from .stager import Stager, StagerConfig
 from .unique_sweep import UniqueSweep, UniqueSweepConfig
 from .vacuum import Vacuum, VacuumConfig
@@ -54,6 +56,8 @@ __all__ = [
     "ReconcilerConfig",
     "Rescuer",
     "RescuerConfig",
+    "Scheduler",
+    "SchedulerConfig",
     "Stager",
     "StagerConfig",
     "UniqueSweep",

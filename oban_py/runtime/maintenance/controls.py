@@ -1,12 +1,14 @@
-"""Controls: applies the queue controls stored in ``oban_queues`` (pause, resume, scale) on this node.
+"""Controls: applies the queue controls stored in ``oban_queues`` (pause, resume, scale, start, stop) on
+this node.
 
-``pause_queue``/``resume_queue``/``scale_queue`` store a control row and NOTIFY every node, which runs
-this duty at once (:meth:`Duty.kick`); it also runs every ``interval`` seconds, the fallback for a
-missed NOTIFY. Stored controls win over the configuration and survive restarts; the latest command
-wins. A control naming a node applies on that node only.
+``pause_queue``/``resume_queue``/``scale_queue``/``start_queue``/``stop_queue`` store a control row and
+NOTIFY every node, which runs this duty at once (:meth:`Duty.kick`); it also runs every ``interval``
+seconds, the fallback for a missed NOTIFY. Stored controls win over the configuration and survive
+restarts; the latest command wins. A control naming a node applies on that node only. A started queue
+gets a producer here, a stopped one drains (see :meth:`QueueSet.apply_started`).
 
-Options: ``interval`` (1.0 s). Emits ``controls.applied`` (``changed``: the queues whose paused state,
-limit or global limit changed) and ``duty.ran``.
+Options: ``interval`` (1.0 s). Emits ``controls.applied`` (``changed``: the queues started, stopped, or
+whose paused state, limit or global limit changed) and ``duty.ran``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,19 @@ class Controls(Duty[ControlsConfig]):
         desired: dict[str, dict[str, Any]] = {}
         for row in rows:  # oldest first: the latest command wins
             entry = desired.setdefault(row["name"], {})
-            for field, column in (("paused", "paused"), ("limit", "local_limit"), ("global", "global_limit")):
+            for field, column in (
+                ("paused", "paused"),
+                ("limit", "local_limit"),
+                ("global", "global_limit"),
+                ("started", "started"),
+            ):
                 if row[column] is not None:
                     entry[field] = row[column]
-        changed: list[str] = []
+        changed = self.queues.apply_started(
+            {n: (e["started"], e.get("limit")) for n, e in desired.items() if "started" in e}
+        )
         for name, producer in self.queues.producers.items():
-            qc = self.queues.config.queues[name]
+            qc = self.queues.specs[name]
             entry = desired.get(name, {})
             paused = entry.get("paused", qc.paused)
             limit = entry.get("limit", qc.limit)

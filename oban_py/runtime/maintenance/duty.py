@@ -16,6 +16,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError
+from ...hooks.reporting import ErrorReporter
 from ..events import Events
 from .periodic import Periodic
 
@@ -36,6 +37,8 @@ class DutyContext:
     #: Tell the node these queues may have new available jobs (wakes their producers).
     wake: Callable[[Iterable[str]], None] = lambda _queues: None
     is_leader: Callable[[], bool] = lambda: True
+    #: Where a failing run is reported (``on_error``).
+    reporter: ErrorReporter = field(default_factory=ErrorReporter)
 
 
 class DutyConfig(BaseModel):
@@ -81,6 +84,7 @@ class Duty(Generic[C]):
             is_leader=ctx.is_leader,
             run_at_start=self.run_at_start,
             deadline=self.deadline,
+            reporter=ctx.reporter,
         )
 
     async def run_once(self) -> None:

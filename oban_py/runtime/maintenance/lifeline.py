@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ...hooks.reporting import ErrorReporter
 from ..execution import Execution
 from ..executor import execute
 from ..outcome import scrub
@@ -74,6 +75,7 @@ class Lifeline:
         stall_limit: float,
         meta: Callable[[], str],
         on_rejoined: Callable[[], None],
+        reporter: ErrorReporter | None = None,
     ) -> None:
         self.driver = driver
         self.instance = instance
@@ -83,6 +85,8 @@ class Lifeline:
         self.stall_limit = stall_limit
         self.meta = meta
         self.on_rejoined = on_rejoined
+        #: Failed heartbeats and a stalled loop are reported to ``on_error`` (handed to the main loop).
+        self.reporter = reporter or ErrorReporter()
         self.lease = max(rescue_after - interval, rescue_after / 2)
         self.last_beat: float | None = None  # monotonic time a successful heartbeat was sent
         self.healthy_since: float | None = None
@@ -133,8 +137,9 @@ class Lifeline:
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
-        except Exception:  # pragma: no cover - the lifeline must never take the process down
+        except Exception as exc:  # pragma: no cover - the lifeline must never take the process down
             log.exception("node %s: lifeline failed", self.node)
+            self.reporter.report(exc, "lifeline", "thread", final=True)
 
     async def _main(self) -> None:
         next_beat = time.monotonic() + self.interval
@@ -174,13 +179,14 @@ class Lifeline:
             return True  # lingering: the loop may be done, the stuck bodies are not
         stalled = now - self.loop_seen > self.stall_limit
         if stalled and not self._stalled:
-            log.error(
-                "node %s: event loop blocked for over %.0fs; heartbeats stop so other nodes can rescue its "
-                "jobs",
-                self.node,
-                self.stall_limit,
-                extra={"node": self.node},
+            message = (
+                f"node {self.node}: event loop blocked for over {self.stall_limit:.0f}s; heartbeats stop so "
+                "other nodes can rescue its jobs"
             )
+            log.error("%s", message, extra={"node": self.node})
+            self.reporter.report(RuntimeError(message), "lifeline", "event_loop")
+        elif self._stalled and not stalled:
+            self.reporter.recovered("lifeline", "event_loop")
         self._stalled = stalled
         return not stalled
 
@@ -244,10 +250,12 @@ class Lifeline:
                 log.warning(
                     "node %s: heartbeat failed: %s: %s", self.node, type(exc).__name__, scrub(str(exc), 300)
                 )
+                self.reporter.report(exc, "lifeline", "heartbeat")
             self._down = True
             return
         if self._down:
             log.info("node %s: heartbeats resumed", self.node)
+            self.reporter.recovered("lifeline", "heartbeat")
         self._down = False
         self.beats += 1
         self.last_beat = sent

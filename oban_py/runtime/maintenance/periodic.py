@@ -4,7 +4,8 @@ Each maintenance duty (rescue, staging, polling, pruning, the unique sweep, queu
 runs on a :class:`Periodic`: a ``run_once`` coroutine called every ``interval`` seconds (with jitter, so
 nodes spread out), optionally only while this node holds the leader lease. ``stop()`` is idempotent
 and safe before ``start()``. A lost database connection is logged once and retried on the next tick;
-any other error is logged with its traceback and the service keeps going. Each run has a
+any other error is logged with its traceback and the service keeps going. Either is reported to
+``on_error`` once per episode (until a run succeeds again). Each run has a
 ``deadline``: a statement stuck on a dead socket is abandoned (its connection discarded) instead of
 stopping the service for good.
 """
@@ -17,6 +18,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from ...errors import DatabaseUnavailable
+from ...hooks.reporting import ErrorReporter
 
 __all__ = ["Periodic"]
 
@@ -35,6 +37,7 @@ class Periodic:
         jitter: float = 0.1,
         run_at_start: bool = True,
         deadline: float = 30.0,
+        reporter: ErrorReporter | None = None,
     ) -> None:
         self.name = name
         self.interval = interval
@@ -44,9 +47,11 @@ class Periodic:
         self.jitter = jitter
         self.run_at_start = run_at_start
         self.deadline = deadline
+        self.reporter = reporter or ErrorReporter()
         self._task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self._down = False
+        self._failing = False  # a run failed since the last success (an on_error episode is open)
         self._stopping = False
 
     def start(self) -> None:
@@ -67,8 +72,10 @@ class Periodic:
             # just as its inner await completes, and the loop would go on (stop() would never return).
             task.cancel()
             await asyncio.wait([task], timeout=1.0)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s stopped with an error", self.name, exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("%s stopped with an error", self.name, exc_info=error)
+            self.reporter.report(error, "duty", self.name, final=True)
 
     async def _loop(self) -> None:
         first = True
@@ -88,6 +95,9 @@ class Periodic:
                 if self._down:
                     log.info("%s: database reachable again", self.name)
                 self._down = False
+                if self._failing:
+                    self._failing = False
+                    self.reporter.recovered("duty", self.name)
             except asyncio.CancelledError:
                 raise
             except (DatabaseUnavailable, asyncio.TimeoutError) as exc:
@@ -97,5 +107,11 @@ class Periodic:
                     )
                     log.warning("%s: %s", self.name, reason)
                 self._down = True
-            except Exception:
+                self._failed(exc)
+            except Exception as exc:
                 log.exception("%s failed; retrying in %.1fs", self.name, self.interval)
+                self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failing = True
+        self.reporter.report(exc, "duty", self.name)

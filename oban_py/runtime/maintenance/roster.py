@@ -2,15 +2,17 @@
 
 Every node runs the rescuer, stager, controls, poller and reconciler; with ``leadership`` on (the
 default) it also contends for the leader lease and, while leader, runs the unique sweep, the pruner
-(unless ``prune_after`` is off) and the vacuum step (unless ``vacuum_interval`` is off).
+(unless ``prune_after`` is off) and the vacuum step (unless ``vacuum_interval`` is off). With recurring
+tasks (``[cron.<name>]`` or ``cron=`` on a worker) the leader runs the scheduler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ...cron.registry import load_tasks
 from .controls import Controls, ControlsConfig
 from .duty import Duty, DutyContext
 from .leader import Leader, LeaderConfig
@@ -18,6 +20,7 @@ from .poller import Poller, PollerConfig
 from .pruner import Pruner, PrunerConfig
 from .reconciler import Reconciler, ReconcilerConfig
 from .rescuer import Rescuer, RescuerConfig
+from .scheduler import Scheduler, SchedulerConfig
 from .stager import Stager, StagerConfig
 from .unique_sweep import UniqueSweep, UniqueSweepConfig
 from .vacuum import Vacuum, VacuumConfig
@@ -80,4 +83,9 @@ class Roster:
                         ctx, VacuumConfig(interval=config.vacuum_interval, threshold=config.vacuum_threshold)
                     )
                 )
+        tasks = load_tasks(config)
+        if tasks:  # leader only; with leadership off every node schedules (the unique key dedupes)
+            cron_ctx = ctx if config.leadership else replace(ctx, is_leader=lambda: True)
+            cron = SchedulerConfig(max_args_bytes=config.max_args_bytes, chunk_size=config.insert_chunk_size)
+            roster.all.append(Scheduler(cron_ctx, cron, tasks=tasks))
         return roster
