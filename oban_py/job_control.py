@@ -6,11 +6,16 @@ whole). A retry is an insert of the job again: it takes its unique key, so it ca
 Interrupting the jobs that were running is the caller's part (:func:`interrupt_message`). An update
 that moves a unique job back into its unique group takes its key in the same transaction, or changes
 nothing and raises :class:`UniqueConflict` (:func:`update`).
+
+Each takes ``where``, the filter its ids were selected by (:meth:`JobFilter.params
+<oban_py.job_query.JobFilter.params>`; None when called by id). The statement re-checks it on the
+rows it locks, so a row that stopped matching between the select and the change is left alone.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +23,7 @@ import asyncpg
 
 from .db.retry import retry_deadlocks
 from .errors import UniqueConflict, ValidationError
+from .job_query import NO_FILTER
 from .validation import validate_meta, validate_priority, validate_queue, validate_scheduled_at, validate_tags
 
 if TYPE_CHECKING:
@@ -29,14 +35,24 @@ __all__ = ["UPDATABLE", "cancel", "delete", "interrupt_message", "retry", "updat
 UPDATABLE = ("available", "scheduled")
 
 
-async def cancel(driver: Driver, ids: list[int], reason: str | None) -> list[Any]:
+Filter = Mapping[str, Any] | None
+
+
+def _match(where: Filter) -> dict[str, Any]:
+    """The ``job_filter`` parameters of a statement: ``where``, or none (every row of the ids)."""
+    return dict(NO_FILTER if where is None else where)
+
+
+async def cancel(driver: Driver, ids: list[int], reason: str | None, where: Filter = None) -> list[Any]:
     """Cancel the jobs that have not finished; rows say what each ``was`` (and whether it is parked)."""
     # One statement, a whole transaction of its own: safe to run again if it deadlocks.
-    return await retry_deadlocks(lambda: driver.fetch("job_cancel", ids=ids, reason=reason))
+    match = _match(where)
+    return await retry_deadlocks(lambda: driver.fetch("job_cancel", ids=ids, reason=reason, **match))
 
 
-async def delete(driver: Driver, ids: list[int]) -> list[Any]:
-    return await driver.fetch("job_delete", ids=ids)
+async def delete(driver: Driver, ids: list[int], where: Filter = None) -> list[Any]:
+    """Delete the jobs of ``ids`` (that still match ``where``); rows say what each ``was``."""
+    return await driver.fetch("job_delete", ids=ids, **_match(where))
 
 
 def interrupt_message(rows: list[Any], reason: str) -> dict[str, Any] | None:
@@ -45,12 +61,13 @@ def interrupt_message(rows: list[Any], reason: str) -> dict[str, Any] | None:
     return {"kind": "interrupt", "ids": running, "reason": reason} if running else None
 
 
-async def retry(driver: Driver, ids: list[int]) -> int:
-    """Retry ``ids`` all or nothing; returns how many were retried."""
+async def retry(driver: Driver, ids: list[int], where: Filter = None) -> int:
+    """Retry ``ids`` (those that still match ``where``) all or nothing; returns how many were retried."""
+    match = _match(where)
 
     async def run() -> list[Any]:
         async with driver.transaction() as conn:
-            rows = await driver.fetch("job_retry", conn, ids=ids)
+            rows = await driver.fetch("job_retry", conn, ids=ids, **match)
             blocked = [r for r in rows if r["holder"] is not None]
             if blocked:  # a duplicate of a live holder, without taking the key: retry none
                 raise Rollback(blocked[0])
@@ -61,13 +78,15 @@ async def retry(driver: Driver, ids: list[int]) -> int:
     try:
         rows = await retry_deadlocks(run)
     except asyncpg.UniqueViolationError:
-        raise await conflict(driver, ids) from None
+        raise await conflict(driver, ids, match) from None
     except Rollback as found:
-        raise await conflict(driver, ids, blocked=found.args[0]) from None
+        raise await conflict(driver, ids, match, blocked=found.args[0]) from None
     return len(rows)
 
 
-async def conflict(driver: Driver, ids: list[int], *, blocked: Any = None) -> UniqueConflict:
+async def conflict(
+    driver: Driver, ids: list[int], match: dict[str, Any], *, blocked: Any = None
+) -> UniqueConflict:
     """Which job of a failed retry collides, and with whom (a rare path: one try per prefix).
 
     ``blocked``: a job_retry row whose job does not take its key and met a live holder.
@@ -78,18 +97,18 @@ async def conflict(driver: Driver, ids: list[int], *, blocked: Any = None) -> Un
     for k in range(1, len(ids) + 1):
         try:
             async with driver.transaction() as conn:
-                rows = await driver.fetch("job_retry", conn, ids=ids[:k])
+                rows = await driver.fetch("job_retry", conn, ids=ids[:k], **match)
                 raise Rollback(next((r for r in rows if r["holder"] is not None), None))
         except Rollback as tried:
             if tried.args[0] is not None:
-                return await conflict(driver, ids, blocked=tried.args[0])
+                return await conflict(driver, ids, match, blocked=tried.args[0])
             continue
         except asyncpg.UniqueViolationError:
             # ids[k-1] collides, with an existing holder or with one of ids[:k-1] retried before it.
             try:
                 async with driver.transaction() as conn:
                     if k > 1:
-                        await driver.fetch("job_retry", conn, ids=ids[: k - 1])
+                        await driver.fetch("job_retry", conn, ids=ids[: k - 1], **match)
                     holder = await driver.fetchrow("job_unique_holder", conn, id=ids[k - 1])
                     raise Rollback(holder)
             except Rollback as found:
@@ -123,17 +142,19 @@ def update_params(
     }
 
 
-async def update(driver: Driver, ids: list[int], changes: dict[str, Any]) -> list[Any]:
-    """Update the jobs of ``ids`` that are available or scheduled, all or nothing; their new rows.
+async def update(driver: Driver, ids: list[int], changes: dict[str, Any], where: Filter = None) -> list[Any]:
+    """Update the jobs of ``ids`` that are available or scheduled (and still match ``where``), all or
+    nothing; their new rows.
 
     Rows that re-entered their unique group take their key back here; if another job holds it,
     nothing changes and :class:`UniqueConflict` names the holder. Queues that got an available job
     (moved to them, or due now) are notified, so their producers fetch it without waiting for a poll.
     """
+    match = _match(where)
 
     async def run() -> list[Any]:
         async with driver.transaction() as conn:
-            rows = await driver.fetch("job_update", conn, ids=ids, **changes)
+            rows = await driver.fetch("job_update", conn, ids=ids, **changes, **match)
             for row in rows:
                 if row["parked"]:
                     await take_key(driver, conn, row["id"])

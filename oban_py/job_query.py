@@ -26,7 +26,7 @@ from .validation import validate_queue, validate_tags, validate_worker_name
 if TYPE_CHECKING:
     from .db.driver import Driver
 
-__all__ = ["MAX_PAGE", "JobFilter", "JobPage", "list_jobs", "matching_ids"]
+__all__ = ["MAX_PAGE", "NO_FILTER", "JobFilter", "JobPage", "list_jobs", "matching_ids"]
 
 #: The largest page ``list_jobs`` returns (a bigger one is a report, not a page: use ``before_id``).
 MAX_PAGE = 10_000
@@ -38,7 +38,7 @@ _STATES = [s.value for s in JobState]
 
 @dataclass(frozen=True)
 class JobFilter:
-    """Which jobs: every given field must match (None: any).
+    """Which jobs: every given field must match (None: any; an empty one is refused, see :attr:`empty`).
 
     ``state`` is one state or several; ``args_contains`` matches jobs whose args contain that JSON
     (``{"user_id": 7}`` matches ``{"user_id": 7, "kind": "x"}``: jsonb ``@>``); ``tags`` matches jobs
@@ -54,10 +54,12 @@ class JobFilter:
 
     @property
     def empty(self) -> bool:
-        """True when it matches every job."""
-        return all(
-            v is None for v in (self.state, self.queue, self.worker, self.args_contains, self.tags, self.ids)
-        )
+        """True when it would match every job (computed from the validated :meth:`params`).
+
+        A field given but empty (``tags=[]``, ``args_contains={}``, ``state=[]``, ``queue=""``) is not
+        "no filter": :meth:`params` refuses it naming the field, because it would match every job.
+        """
+        return all(v is None for v in self.params().values())
 
     def states(self) -> list[str] | None:
         """The state filter as a validated list (ValidationError naming ``state`` otherwise)."""
@@ -73,24 +75,48 @@ class JobFilter:
         return names
 
     def params(self) -> dict[str, Any]:
-        """The statement parameters of this filter (validated), ``hot``/``cold`` included."""
+        """The ``match_*`` parameters of the ``job_filter`` fragment (validated; None: no filter).
+
+        The filtered cancel/delete/retry/update pass them to their statements as well, so a row that
+        stopped matching after it was selected is left alone (the locking read re-checks the filter).
+        """
         states = self.states()
         args = None
         if self.args_contains is not None:
             if not isinstance(self.args_contains, Mapping):
                 raise ValidationError("args_contains", self.args_contains, "must be a dict")
+            if not self.args_contains:
+                raise ValidationError(
+                    "args_contains", self.args_contains, "give at least one key ({} matches every job)"
+                )
             args = json.dumps(self.args_contains)
+        tags = None
+        if self.tags is not None:
+            tags = validate_tags(self.tags)
+            if not tags:
+                raise ValidationError("tags", self.tags, "give at least one tag ([] matches every job)")
         ids = None if self.ids is None else [_job_id(i) for i in self.ids]
         return {
-            "states": states,
-            "hot": states is None or bool(_HOT.intersection(states)),
-            "cold": states is None or bool(set(states) - _HOT),
-            "queue": None if self.queue is None else validate_queue(self.queue),
-            "worker": None if self.worker is None else validate_worker_name(self.worker),
-            "args_contains": args,
-            "tags": None if self.tags is None else validate_tags(self.tags) or None,
-            "ids": ids,
+            "match_states": states,
+            "match_queue": None if self.queue is None else validate_queue(self.queue),
+            "match_worker": None if self.worker is None else validate_worker_name(self.worker),
+            "match_args": args,
+            "match_tags": tags,
+            "match_ids": ids,
         }
+
+
+#: The ``job_filter`` parameters that match every job: what a by-id statement passes.
+NO_FILTER: dict[str, Any] = JobFilter().params()
+
+
+def _branches(params: dict[str, Any]) -> dict[str, bool]:
+    """``hot``/``cold`` of job_list(_ids): whether the state filter lets each branch match at all."""
+    states = params["match_states"]
+    return {
+        "hot": states is None or bool(_HOT.intersection(states)),
+        "cold": states is None or bool(set(states) - _HOT),
+    }
 
 
 @dataclass
@@ -135,7 +161,8 @@ async def list_jobs(
     driver: Driver, where: JobFilter, *, limit: int = 50, before_id: int | None = None
 ) -> JobPage:
     """A page of jobs matching ``where``, newest first, starting below ``before_id``."""
-    params = {**where.params(), "limit": _check_limit(limit) + 1}  # one more: is there a next page?
+    filters = where.params()
+    params = {**filters, **_branches(filters), "limit": _check_limit(limit) + 1}  # one more: a next page?
     params["before_id"] = None if before_id is None else _job_id(before_id)
     async with driver.transaction() as conn:
         await driver.execute("job_plan_custom", conn)
@@ -147,7 +174,8 @@ async def list_jobs(
 
 async def matching_ids(driver: Driver, where: JobFilter, conn: Any = None) -> list[int]:
     """Every id matching ``where`` (for the filtered retry, cancel, delete and update), ascending."""
-    params = {**where.params(), "before_id": None}
+    filters = where.params()
+    params = {**filters, **_branches(filters)}
     async with driver.transaction(conn) as c:
         await driver.execute("job_plan_custom", c)
         rows = await driver.fetch("job_list_ids", c, **params)

@@ -105,6 +105,18 @@ async def test_jobs_show_retry_cancel_delete_update(test_dsn: str, seeded: str) 
 
     refused = await cli(test_dsn, seeded, "jobs", "delete")
     assert refused.returncode == 1 and "give job ids or at least one filter" in refused.stderr
+    total = len((await data(test_dsn, seeded, "jobs", "list", "--limit", "100"))["jobs"])
+    for command, field in [
+        (["delete", "--args", "{}"], "args_contains"),  # `@> '{}'` would match every job
+        (["cancel", "--args", "{}"], "args_contains"),
+        (["retry", "--args", "{}"], "args_contains"),
+        (["update", "--args", "{}", "--set-priority", "1"], "args_contains"),
+        (["delete", "--queue", ""], "queue"),
+        (["delete", "--worker", ""], "worker"),
+    ]:
+        empty = await cli(test_dsn, seeded, "jobs", *command)
+        assert empty.returncode == 1 and f"{field}=" in empty.stderr, (command, empty.stderr)
+    assert len((await data(test_dsn, seeded, "jobs", "list", "--limit", "100"))["jobs"]) == total
     bad = await cli(test_dsn, seeded, "jobs", "update", str(moved["jobs"][0]["id"]), "--set-priority", "12")
     assert bad.returncode == 1 and "priority=12" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = await cli(test_dsn, seeded, "jobs", "show", "999999")

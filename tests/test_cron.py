@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import asyncpg
 import pytest
 
 from oban_py import Oban, worker
-from oban_py.cron import load_tasks, run_pass
+from oban_py.cron import CronTask, Schedule, load_tasks, run_pass
+from oban_py.cron.scheduler import tick_key
 
 pytestmark = pytest.mark.anyio
 
@@ -28,6 +30,25 @@ NY = ZoneInfo("America/New_York")
 
 @worker(name="test_cron.Report", queue="reports")
 class Report:
+    async def process(self, job: Any) -> None:
+        return None
+
+
+@worker(name="test_cron.OwnKey", queue="reports", unique=True)
+class OwnKey:
+    """A worker whose own unique key is the same for every job: ticks must not use it."""
+
+    def unique_key(self, job: Any) -> Any:
+        return "always-the-same"
+
+    async def process(self, job: Any) -> None:
+        return None
+
+
+@worker(name="test_cron.Squatter", queue="reports", unique={"key": lambda job: job.args["key"]})
+class Squatter:
+    """Not a tick: an ordinary job whose key happens to be the one a tick would take."""
+
     async def process(self, job: Any) -> None:
         return None
 
@@ -176,3 +197,88 @@ async def test_cli_list_pause_resume_run_json(tmp_path: Path, test_dsn: str, pre
     assert table.returncode == 0 and "nightly" in table.stdout and "0 3 * * *" in table.stdout
     missing = await asyncio.to_thread(cli, "pause", "nope", cwd=tmp_path, env=env)
     assert missing.returncode == 1 and "not a recurring task" in missing.stderr
+
+
+async def test_a_worker_unique_key_does_not_replace_the_tick_key(
+    make_oban: Callable[..., Awaitable[Oban]], prefix: str, db: asyncpg.Connection
+) -> None:
+    oban = await make_oban(cron={"own": {"worker": "test_cron.OwnKey", "schedule": "* * * * * *"}})
+    tasks = load_tasks(oban.config)
+    start = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+    await run_pass(oban.driver, tasks, start)
+    for second in (1, 2, 3):
+        await run_pass(oban.driver, tasks, start + timedelta(seconds=second))
+    assert [at for _, at in await ticks(db, prefix)] == [
+        (start + timedelta(seconds=s)).isoformat() for s in (1, 2, 3)
+    ]
+    # The worker's own key still holds for its other jobs.
+    first = await oban.insert(OwnKey.new({}))
+    assert not first.conflicted and (await oban.insert(OwnKey.new({"x": 1}))).conflicted
+
+
+async def test_a_holder_that_is_not_a_tick_job_does_not_stop_the_pass(
+    make_oban: Callable[..., Awaitable[Oban]], prefix: str, db: asyncpg.Connection
+) -> None:
+    oban = await make_oban(cron={"t": task("* * * * * *"), "u": task("* * * * * *")})
+    tasks = load_tasks(oban.config)
+    start = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+    await run_pass(oban.driver, tasks, start)
+    at = (start + timedelta(seconds=1)).isoformat()
+    squatter = await oban.insert(
+        Squatter.new({"key": tick_key(Report.new({}, meta={"cron": "t", "cron_at": at}))})
+    )
+    done = await run_pass(oban.driver, tasks, start + timedelta(seconds=1))
+    assert [j.id for j in done if j.conflicted] == [squatter.id]  # t's tick: held, no KeyError
+    assert await ticks(db, prefix) == [("u", at)]
+    rows = {r["name"]: r for r in await db.fetch(f'SELECT * FROM "{prefix}".oban_cron')}
+    assert rows["t"]["last_at"] == start + timedelta(seconds=1) and rows["t"]["last_job_id"] is None
+    await run_pass(oban.driver, tasks, start + timedelta(seconds=2))  # both go on
+    later = (start + timedelta(seconds=2)).isoformat()
+    assert sorted(await ticks(db, prefix)) == [("t", later), ("u", at), ("u", later)]
+
+
+async def test_a_broken_task_is_skipped_and_logged_once(
+    make_oban: Callable[..., Awaitable[Oban]],
+    prefix: str,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    oban = await make_oban(cron={"good": task("* * * * * *")})
+    # A task whose job cannot be built (its worker is gone): not loadable, so built by hand.
+    broken = CronTask(name="broken", worker="test_cron.Gone", schedule=Schedule("* * * * * *"))
+    tasks = {"broken": broken, **load_tasks(oban.config)}
+    start = datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
+    await run_pass(oban.driver, tasks, start)
+    with caplog.at_level(logging.ERROR, logger="oban_py.cron"):
+        for second in (1, 2, 3):
+            await run_pass(oban.driver, tasks, start + timedelta(seconds=second))
+    assert [n for n, _ in await ticks(db, prefix)] == ["good"] * 3
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "cron broken: skipped" in caplog.records[0].message and len(caplog.records) == 1
+
+
+async def test_a_node_that_is_not_the_leader_schedules_its_own_tasks(
+    make_oban: Callable[..., Awaitable[Oban]], prefix: str, db: asyncpg.Connection
+) -> None:
+    # The leader is a node of another service: it has no tasks, so it cannot schedule them.
+    other = await make_oban(queues={"elsewhere": 1}, name="other-service")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not other.is_leader:
+        assert asyncio.get_running_loop().time() < deadline, "no leader"
+        await asyncio.sleep(0.05)
+    await make_oban(queues={"reports": 1}, cron={"fast": task("* * * * * *")}, name="with-tasks")
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await ticks(db, prefix):
+        assert asyncio.get_running_loop().time() < deadline, "the non-leader node scheduled nothing"
+        await asyncio.sleep(0.1)
+    assert other.is_leader
+
+
+async def test_resume_starts_from_the_database_clock(
+    make_oban: Callable[..., Awaitable[Oban]], prefix: str, db: asyncpg.Connection
+) -> None:
+    oban = await make_oban(cron={"minutely": task("* * * * *")})
+    await oban.pause_cron("minutely")
+    await oban.resume_cron("minutely")
+    row = await db.fetchrow(f'SELECT last_at, now() - last_at AS age FROM "{prefix}".oban_cron')
+    assert timedelta(0) <= row["age"] < timedelta(seconds=5)

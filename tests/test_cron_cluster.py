@@ -1,5 +1,5 @@
-"""Two real runner processes scheduling a task every second: one job per tick, none missing, also
-when the leader is killed with SIGKILL and the other node takes over."""
+"""Two real runner processes both scheduling a task every second: one job per tick, none missing, also
+when the leader is killed with SIGKILL and the survivor goes on alone."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ async def test_two_runners_one_job_per_tick_through_a_leader_kill(
         index = int(leader.removeprefix("runner-"))
         proj.procs[index].send_signal(signal.SIGKILL)
         proj.procs[index].wait()
-        # The survivor takes the lease after its ttl (3 s here) and enqueues the late ticks too.
+        # Every node with tasks schedules, so the survivor goes on; it also takes the lease (3 s ttl).
         await wait_ticks(db, prefix, len(before) + 8, timeout=30)
         after = await tick_counts(db, prefix)
         assert_once_per_tick(after)

@@ -53,18 +53,18 @@ async def test_each_filter_reads_through_an_index(oban: Oban, db: asyncpg.Connec
     await seed(db, prefix)
     query = Queries(prefix)["job_list"]
     base = dict(
-        hot=True, cold=True, states=None, queue=None, worker=None, args_contains=None, tags=None,
-        ids=None, before_id=None, limit=51,
+        hot=True, cold=True, match_states=None, match_queue=None, match_worker=None, match_args=None,
+        match_tags=None, match_ids=None, before_id=None, limit=51,
     )  # fmt: skip
     cases: dict[str, tuple[dict[str, Any], set[str]]] = {
-        "queue": ({"queue": "rare"}, {"oban_jobs_queue_idx", "oban_jobs_fetch_idx"}),
-        "worker": ({"worker": "Rare"}, {"oban_jobs_worker_idx"}),
-        "args_contains": ({"args_contains": '{"user_id": 7}'}, {"oban_jobs_args_idx"}),
-        "tags": ({"tags": ["billing"]}, {"oban_jobs_tags_idx"}),
-        "state": ({"states": ["discarded"], "hot": False}, {"oban_jobs_failed_idx"}),
-        "state retryable": ({"states": ["retryable"], "hot": False}, {"oban_jobs_failed_idx"}),
-        "state available": ({"states": ["available"], "cold": False}, {"oban_jobs_fetch_idx"}),
-        "queue and state": ({"queue": "rare", "states": ["cancelled"], "hot": False}, set()),
+        "queue": ({"match_queue": "rare"}, {"oban_jobs_queue_idx", "oban_jobs_fetch_idx"}),
+        "worker": ({"match_worker": "Rare"}, {"oban_jobs_worker_idx"}),
+        "args_contains": ({"match_args": '{"user_id": 7}'}, {"oban_jobs_args_idx"}),
+        "tags": ({"match_tags": ["billing"]}, {"oban_jobs_tags_idx"}),
+        "state": ({"match_states": ["discarded"], "hot": False}, {"oban_jobs_failed_idx"}),
+        "state retryable": ({"match_states": ["retryable"], "hot": False}, {"oban_jobs_failed_idx"}),
+        "state available": ({"match_states": ["available"], "cold": False}, {"oban_jobs_fetch_idx"}),
+        "queue and state": ({"match_queue": "rare", "match_states": ["cancelled"], "hot": False}, set()),
     }
     for name, (params, indexes) in cases.items():
         async with db.transaction():
@@ -136,6 +136,120 @@ async def test_bad_filters_name_the_field(oban: Oban) -> None:
         assert caught.value.field == field, kwargs
     with pytest.raises(ValidationError, match="give job ids or at least one filter"):
         await oban.retry_jobs()
+
+
+async def _table(db: asyncpg.Connection, prefix: str) -> list[tuple[Any, ...]]:
+    rows = await db.fetch(
+        f'SELECT id, state::text, queue, priority, meta FROM "{prefix}".oban_jobs ORDER BY id'
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_empty_filters_are_refused_and_write_nothing(
+    oban: Oban, db: asyncpg.Connection, prefix: str
+) -> None:
+    await seed(db, prefix)
+    before = await _table(db, prefix)
+    empties: list[tuple[dict[str, Any], str]] = [
+        ({"tags": []}, "tags"),
+        ({"args_contains": {}}, "args_contains"),
+        ({"state": []}, "state"),
+        ({"queue": ""}, "queue"),
+        ({"worker": ""}, "worker"),
+        ({"tags": [], "args_contains": {}}, "args_contains"),
+    ]
+    for kwargs, field in empties:
+        calls = {
+            "delete_jobs": lambda kw=kwargs: oban.delete_jobs(**kw),
+            "cancel_jobs": lambda kw=kwargs: oban.cancel_jobs(reason="x", **kw),
+            "retry_jobs": lambda kw=kwargs: oban.retry_jobs(**kw),
+            "get_jobs": lambda kw=kwargs: oban.get_jobs(**kw),
+            "list_jobs": lambda kw=kwargs: oban.list_jobs(**kw),
+            "update_jobs": lambda kw=kwargs: oban.update_jobs(JobFilter(**kw), priority=9),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValidationError) as caught:
+                await call()
+            assert caught.value.field == field, (name, kwargs)
+        with pytest.raises(ValidationError) as caught:
+            JobFilter(**kwargs).empty  # noqa: B018 - the property validates
+        assert caught.value.field == field, kwargs
+    assert await _table(db, prefix) == before  # nothing written
+
+    # A nested empty object is a real filter (args has that key, holding an object), not "every job".
+    assert await oban.delete_jobs(args_contains={"user_id": {}}) == 0
+    assert await _table(db, prefix) == before
+
+
+# Each action, on rows of queue "racing" that match its filter; job X stops matching right after the
+# select (`change` on X), either committed before the action runs or while the action waits on X's lock.
+RACES: dict[str, tuple[str, str, Any]] = {
+    # a completed job that was retried and started meanwhile must not be deleted (its body interrupted)
+    "delete": ("completed", "state = 'executing', attempted_at = now(), attempt = attempt + 1",
+               lambda o: o.delete_jobs(state="completed", queue="racing")),
+    "cancel": ("scheduled", "queue = 'elsewhere'",
+               lambda o: o.cancel_jobs(state="scheduled", queue="racing", reason="x")),
+    "retry": ("discarded", "queue = 'elsewhere'", lambda o: o.retry_jobs(state="discarded", queue="racing")),
+    "update": ("scheduled", "queue = 'elsewhere'",
+               lambda o: o.update_jobs(JobFilter(state="scheduled", queue="racing"), priority=7)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("timing", ["committed", "locked"])
+@pytest.mark.parametrize("action", sorted(RACES))
+async def test_filtered_actions_leave_a_row_that_stopped_matching(
+    oban: Oban, db: asyncpg.Connection, prefix: str, monkeypatch: pytest.MonkeyPatch, action: str, timing: str
+) -> None:
+    import oban_py.api.jobs as api_jobs
+
+    state, change, act = RACES[action]
+    table = f'"{prefix}".oban_jobs'
+    ids = [
+        r["id"]
+        for r in await db.fetch(
+            f"INSERT INTO {table} (queue, worker, state, args, scheduled_at, completed_at, discarded_at) "
+            f"SELECT 'racing', 'Racing', $1::text::\"{prefix}\".oban_job_state, jsonb_build_object('i', i), "
+            "now() + interval '1 hour', now(), now() FROM generate_series(1, 3) AS i RETURNING id",
+            state,
+        )
+    ]
+    x = ids[1]
+    original = api_jobs.matching_ids
+    committer: list[asyncio.Task[None]] = []
+
+    async def select_then_change(driver: Any, where: JobFilter, conn: Any = None) -> list[int]:
+        found = await original(driver, where, conn)
+        assert found == ids
+        if timing == "committed":
+            await db.execute(f"UPDATE {table} SET {change} WHERE id = $1", x)
+        else:  # X changes in a transaction that holds its lock until the action is waiting on it
+            tx = db.transaction()
+            await tx.start()
+            await db.execute(f"UPDATE {table} SET {change} WHERE id = $1", x)
+
+            async def commit_later() -> None:
+                await asyncio.sleep(0.5)
+                await tx.commit()
+
+            committer.append(asyncio.create_task(commit_later()))
+        return found
+
+    monkeypatch.setattr(api_jobs, "matching_ids", select_then_change)
+    x_before = await db.fetchrow(f"SELECT * FROM {table} WHERE id = $1", x)
+    assert await act(oban) == 2
+    for task in committer:
+        await task
+    x_after = await db.fetchrow(f"SELECT * FROM {table} WHERE id = $1", x)
+    assert x_after is not None and x_before is not None
+    untouched = {
+        k: v for k, v in dict(x_after).items() if k not in ("queue", "state", "attempted_at", "attempt")
+    }
+    assert untouched == {k: v for k, v in dict(x_before).items() if k in untouched}  # only `change` applied
+    others = await db.fetch(f"SELECT id, state::text, priority FROM {table} WHERE id <> $1 ORDER BY id", x)
+    expected = {"delete": [], "cancel": ["cancelled"] * 2, "retry": ["available"] * 2, "update": [state] * 2}
+    assert [r["state"] for r in others] == expected[action]
+    if action == "update":
+        assert [r["priority"] for r in others] == [7, 7]
 
 
 async def test_filtered_retry_cancel_delete_get(oban: Oban, db: asyncpg.Connection, prefix: str) -> None:

@@ -198,15 +198,16 @@ async def test_three_processes_restart_rescue_and_stop(
         log = proj.output(0)
         assert "child started" in log and "status=signal SIGKILL" in log and "restarting in" in log
 
-        # The supervisor ran on_start before any child started and on_stop before any child stopped;
-        # each child ran on_worker_start, and on_worker_stop unless it was killed.
+        # The supervisor ran on_start before any child started, and on_stop once it had told the
+        # children to stop (a slow on_stop must not eat into their drain); each child ran
+        # on_worker_start, and on_worker_stop unless it was killed.
         calls = [tuple(line.split()) for line in (tmp_path / "hooks.log").read_text().splitlines()]
         assert [c for c in calls if c[0] in ("on_start", "on_stop")] == [
             ("on_start", str(supervisor.pid)),
             ("on_stop", str(supervisor.pid)),
         ]
-        assert calls[0][0] == "on_start" and calls.index(("on_stop", str(supervisor.pid))) < min(
-            i for i, c in enumerate(calls) if c[0] == "on_worker_stop"
+        assert calls[0][0] == "on_start" and calls.index(("on_stop", str(supervisor.pid))) > max(
+            i for i, c in enumerate(calls) if c[0] == "on_worker_start"
         )
         started = sorted(int(pid) for event, pid in calls if event == "on_worker_start")
         stopped = sorted(int(pid) for event, pid in calls if event == "on_worker_stop")

@@ -63,7 +63,7 @@ class CronAPI(EngineBase):
                     timezone=task.schedule.timezone,
                     enabled=task.enabled,
                     paused=paused,
-                    next_at=task.schedule.next_after(now) if task.enabled and not paused else None,
+                    next_at=_next_at(task, now) if task.enabled and not paused else None,
                     last_at=state["last_at"] if state else None,
                     last_job_id=state["last_job_id"] if state else None,
                 )
@@ -73,12 +73,15 @@ class CronAPI(EngineBase):
     async def pause_cron(self, name: str) -> None:
         """Stop enqueuing ``name`` on every node, until ``resume_cron`` (stored: survives restarts)."""
         self._cron_task(name)
-        await self.driver.execute("cron_pause", name=name, paused=True, now=datetime.now(timezone.utc))
+        await self.driver.execute("cron_pause", name=name, paused=True)
 
     async def resume_cron(self, name: str) -> None:
-        """Enqueue ``name`` again from its next tick (the ticks missed while paused are not run)."""
+        """Enqueue ``name`` again from its next tick (the ticks missed while paused are not run).
+
+        "From now" is the database's clock, not this host's.
+        """
         self._cron_task(name)
-        await self.driver.execute("cron_pause", name=name, paused=False, now=datetime.now(timezone.utc))
+        await self.driver.execute("cron_pause", name=name, paused=False)
 
     async def run_cron(self, name: str) -> Job[Any]:
         """Insert a job of ``name`` now, whatever its schedule or pause (``meta.cron_manual`` is set)."""
@@ -90,7 +93,7 @@ class CronAPI(EngineBase):
             chunk_size=self.config.insert_chunk_size,
             max_args_bytes=self.config.max_args_bytes,
         )
-        await self.driver.execute("cron_ran", name=name, now=datetime.now(timezone.utc), job_id=done.id)
+        await self.driver.execute("cron_ran", name=name, job_id=done.id)
         return done
 
     def _cron_task(self, name: str) -> CronTask:
@@ -98,3 +101,11 @@ class CronAPI(EngineBase):
         if name not in tasks:
             raise ValidationError("cron", name, f"is not a recurring task; tasks are {sorted(tasks)}")
         return tasks[name]
+
+
+def _next_at(task: CronTask, now: datetime) -> datetime | None:
+    """The task's next tick; None if croniter cannot find one (the schedule is checked on load)."""
+    try:
+        return task.schedule.next_after(now)
+    except (ValueError, OverflowError):
+        return None

@@ -6,7 +6,10 @@ the others) and settling parked rows.
 
 The bulk forms take ids, or filters (``state``, ``queue``, ``worker``, ``args_contains``, ``tags``:
 see :class:`~oban_py.job_query.JobFilter`), or both (the ids that also match). With neither they
-refuse: "retry everything" is never what a missing argument meant.
+refuse: "retry everything" is never what a missing argument meant, and neither is an empty filter
+(``tags=[]``, ``args_contains={}``: refused naming the field, as they would match every job). The
+filtered forms select the matching ids, then change them by a statement that re-checks the filter on
+the rows it locks: a job that stopped matching meanwhile (retried and started, say) is left alone.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class JobsAPI(EngineBase):
             rows = await self.driver.fetch("job_get", ids=wanted)
             by_id = {r["id"]: job_from_record(r) for r in rows}
             return [by_id[i] for i in wanted if i in by_id]
-        ids = await self._ids(job_ids, state, queue, worker, args_contains, tags)
+        ids, _ = await self._ids(job_ids, state, queue, worker, args_contains, tags)
         rows = await self.driver.fetch("job_get", ids=ids)
         return sorted((job_from_record(r) for r in rows), key=lambda j: -(j.id or 0))
 
@@ -104,11 +107,12 @@ class JobsAPI(EngineBase):
         worker: str | None,
         args_contains: Mapping[str, Any] | None,
         tags: Sequence[str] | None,
-    ) -> list[int]:
+    ) -> tuple[list[int], dict[str, Any] | None]:
+        """The ids to act on, and the filter (``match_*``) the action must re-check (None: ids alone)."""
         where = _where(job_ids, state, queue, worker, args_contains, tags)
         if where.ids is not None and where == JobFilter(ids=where.ids):
-            return [int(i) for i in where.ids]  # ids alone: each statement checks its rows itself
-        return await matching_ids(self.driver, where)
+            return [int(i) for i in where.ids], None  # ids alone: each statement checks its rows itself
+        return await matching_ids(self.driver, where), where.params()
 
     # -- updating ---------------------------------------------------------------------------------
 
@@ -158,8 +162,8 @@ class JobsAPI(EngineBase):
         changes = job_control.update_params(
             priority=priority, scheduled_at=scheduled_at, queue=queue, tags=tags, meta=meta
         )
-        ids = await self._ids(jobs, None, None, None, None, None)
-        return len(await job_control.update(self.driver, ids, changes)) if ids else 0
+        ids, match = await self._ids(jobs, None, None, None, None, None)
+        return len(await job_control.update(self.driver, ids, changes, match)) if ids else 0
 
     # -- cancel, delete, retry --------------------------------------------------------------------
 
@@ -179,8 +183,8 @@ class JobsAPI(EngineBase):
         tags: Sequence[str] | None = None,
     ) -> int:
         """Cancel the jobs of ``job_ids`` and/or matching the filters that have not finished."""
-        ids = await self._ids(job_ids, state, queue, worker, args_contains, tags)
-        rows = await job_control.cancel(self.driver, ids, reason) if ids else []
+        ids, match = await self._ids(job_ids, state, queue, worker, args_contains, tags)
+        rows = await job_control.cancel(self.driver, ids, reason, match) if ids else []
         await self._after_control(rows, "cancelled")
         return len(rows)
 
@@ -199,8 +203,8 @@ class JobsAPI(EngineBase):
         tags: Sequence[str] | None = None,
     ) -> int:
         """Delete the jobs of ``job_ids`` and/or matching the filters, in any state."""
-        ids = await self._ids(job_ids, state, queue, worker, args_contains, tags)
-        rows = await job_control.delete(self.driver, ids) if ids else []
+        ids, match = await self._ids(job_ids, state, queue, worker, args_contains, tags)
+        rows = await job_control.delete(self.driver, ids, match) if ids else []
         await self._after_control(rows, "deleted")
         return len(rows)
 
@@ -239,5 +243,5 @@ class JobsAPI(EngineBase):
         another job, released when it started, or past its period, then with a fresh period), and a
         job that would not take it (the ``scheduled`` group) still conflicts with a live holder.
         """
-        ids = await self._ids(job_ids, state, queue, worker, args_contains, tags)
-        return await job_control.retry(self.driver, ids) if ids else 0
+        ids, match = await self._ids(job_ids, state, queue, worker, args_contains, tags)
+        return await job_control.retry(self.driver, ids, match) if ids else 0

@@ -84,12 +84,14 @@ class QueuesAPI(EngineBase):
             raise LimitOptionsError("node", node, "global_limit applies to every node; do not name one")
         await self._control(queue, node, limit=limit, global_limit=global_limit)
 
-    async def start_queue(self, queue: str, *, limit: int = 10, node: str | None = None) -> None:
-        """Run ``queue`` (``limit`` jobs at once per node) on every node with queues, or on ``node``.
+    async def start_queue(self, queue: str, *, limit: int | None = None, node: str | None = None) -> None:
+        """Run ``queue`` on every node with queues, or on ``node``.
 
         Stored in ``oban_queues``: a node started or restarted later runs it too, until ``stop_queue``.
-        Takes effect within a second (at once where the signal is heard). A queue already running
-        keeps its producer; use ``scale_queue`` to change its limit.
+        Takes effect within a second (at once where the signal is heard). A node that starts it runs
+        ``limit`` jobs at once (default: its configured limit, else 10). A queue already running keeps
+        its producer and, without ``limit``, its limit; a ``limit`` given is stored like
+        ``scale_queue``'s, so it applies where the queue already runs too.
         """
         await self._control(queue, node, limit=limit, started=True)
 

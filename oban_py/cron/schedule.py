@@ -65,6 +65,12 @@ class Schedule:
             )
         if not croniter.is_valid(expr, second_at_beginning=True):
             raise ValueError(f"invalid cron expression {expr!r}")
+        # Valid fields can still never match (``0 0 30 2 *``): croniter would fail on every use, so
+        # compute one tick now (CroniterBadDateError is a ValueError).
+        try:
+            self.next_after(datetime.now(timezone.utc))
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"cron expression {expr!r} never matches a date ({exc})") from None
 
     @property
     def has_seconds(self) -> bool:

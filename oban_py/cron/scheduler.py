@@ -1,9 +1,11 @@
 """One scheduler pass: enqueue the due ticks of every recurring task, exactly once across the cluster.
 
 Exactly once is the unique index's job, not the scheduler's: the job of a tick carries meta
-``{"cron": <task>, "cron_at": <tick, UTC ISO 8601>}`` and unique options over those two keys in group
-``all``, so the jobs table's partial unique index (``oban_jobs_unique_idx``) refuses a second job for
-the same tick whoever inserts it: two schedulers, a leader that lost its lease mid-pass, a restart.
+``{"cron": <task>, "cron_at": <tick, UTC ISO 8601>}`` and unique options whose explicit ``key`` is that
+pair, in group ``all``, so the jobs table's partial unique index (``oban_jobs_unique_idx``) refuses a
+second job for the same tick whoever inserts it: the schedulers of several nodes, a pass repeated after
+a restart. The key is explicit so that a worker's own ``unique_key`` hook never replaces it (every tick
+would get the worker's key, and the task would run once).
 ``oban_cron`` (one row per task) only says where each task got to, so a pass knows which ticks are due,
 and holds the cluster-wide pause.
 
@@ -15,12 +17,16 @@ Which ticks a pass enqueues, for a task last enqueued at ``last_at``:
 * a task seen for the first time starts from ``now``: deploying an hourly task at 10:30 does not run
   the 10:00 tick. Resuming a paused task also starts from the resume.
 
+A task whose ticks cannot be computed or built is skipped (logged once per task and error), so it never
+holds up the others; the schedule is checked when the task is loaded, so this is a safety net.
+
 The pass takes ``now`` as a parameter (the duty gives it the wall clock), so a test can drive it with
 a fixed clock across a DST change.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -35,11 +41,24 @@ if TYPE_CHECKING:
     from ..db.driver import Driver
     from ..job import Job
 
-__all__ = ["CRON_UNIQUE", "MAX_LATE", "due_ticks", "manual_job", "run_pass", "tick_job"]
+__all__ = ["CRON_UNIQUE", "MAX_LATE", "due_ticks", "manual_job", "run_pass", "tick_job", "tick_key"]
+
+log = logging.getLogger("oban_py.cron")
+
+
+def tick_key(job: Job[Any]) -> list[Any]:
+    """The unique key of a tick's job: ``["oban_py.cron", task, tick]`` (from its meta)."""
+    return ["oban_py.cron", job.meta["cron"], job.meta["cron_at"]]
+
 
 #: What makes the job of a tick unique: task name and tick, in every state, for ever (until pruned;
-#: by then the tick is far behind every task's ``last_at`` and never due again).
-CRON_UNIQUE = UniqueOptions(fields=("meta",), keys=("cron", "cron_at"), group="all", period=None)
+#: by then the tick is far behind every task's ``last_at`` and never due again). ``key`` is explicit:
+#: a worker's ``unique_key`` hook applies only when the options have no key of their own.
+CRON_UNIQUE = UniqueOptions(
+    fields=("meta",), keys=("cron", "cron_at"), group="all", period=None, key=tick_key
+)
+#: (task, error) pairs already logged by a pass, so a broken task is reported once, not every second.
+_REPORTED: set[tuple[str, str]] = set()
 #: Most late ticks of one task enqueued in one pass (a 1-second task after a 60 s failover: 60).
 MAX_LATE = 1000
 
@@ -86,20 +105,43 @@ async def run_pass(
     if unseen:
         await driver.execute("cron_seen", names=unseen, now=now)
     jobs: list[Job[Any]] = []
+    ticks: list[tuple[str, datetime]] = []
     for name in names:
         state = states.get(name)
         if state is None or state["paused"] or state["last_at"] is None:
             continue
         task = tasks[name]
-        jobs += [tick_job(task, at) for at in due_ticks(task.schedule, state["last_at"], now, grace)]
+        try:  # one broken task must not block the others
+            due = [(at, tick_job(task, at)) for at in due_ticks(task.schedule, state["last_at"], now, grace)]
+        except Exception as exc:
+            _report(name, exc)
+            continue
+        for at, job in due:
+            ticks.append((name, at))
+            jobs.append(job)
     if not jobs:
         return []
     done = await _insert.insert_jobs(driver, jobs, None, chunk_size=chunk_size, max_args_bytes=max_args_bytes)
+    # One result per tick, in order. A holder (the tick's job already existed) normally is that tick's
+    # job; if it is some other job holding the same key, the tick still counts as done (its key is
+    # taken) but that job is not recorded as the task's last job.
+    job_ids = [
+        job.id if (job.meta.get("cron"), job.meta.get("cron_at")) == (name, at.isoformat()) else None
+        for (name, at), job in zip(ticks, done, strict=True)
+    ]
     # A crash before this line only repeats the inserts next pass, where the unique key refuses them.
     await driver.execute(
-        "cron_advance",
-        names=[job.meta["cron"] for job in done],
-        ats=[datetime.fromisoformat(job.meta["cron_at"]) for job in done],
-        job_ids=[job.id for job in done],
+        "cron_advance", names=[n for n, _ in ticks], ats=[at for _, at in ticks], job_ids=job_ids
     )
     return done
+
+
+def _report(name: str, exc: Exception) -> None:
+    """Log a task the pass skipped, once per task and error."""
+    key = (name, f"{type(exc).__name__}: {exc}")
+    if key in _REPORTED:
+        return
+    if len(_REPORTED) >= 1024:
+        _REPORTED.clear()
+    _REPORTED.add(key)
+    log.error("cron %s: skipped, its ticks cannot be enqueued: %s", name, key[1], exc_info=exc)

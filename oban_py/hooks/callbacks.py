@@ -18,6 +18,7 @@ any pays one dictionary lookup per job.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from ..runtime.outcome import Ack
 
 __all__ = ["CALLBACK_NAMES", "CALLBACK_TIMEOUT", "Outcome", "WorkerCallbacks", "callbacks_for"]
+
+log = logging.getLogger("oban_py.hooks")
 
 OutcomeState = Literal["completed", "retryable", "discarded", "cancelled", "snoozed"]
 CALLBACK_NAMES = ("before_process", "on_success", "on_failure", "on_discard", "after_process")
@@ -101,7 +104,8 @@ async def _call(instance: Any, name: str, args: tuple[Any, ...], execution: Exec
     extra = {"job_id": job.id, "worker": job.worker, "queue": job.queue, "callback": name}
     try:
         method = getattr(instance, name)
-    except Exception:  # a property that raises, say: contained like the call itself
+    except BaseException:  # a property that raises (anything), say: contained like the call itself
+        log.error("%s of job %s (%s) could not be read; ignored", name, job.id, job.worker, exc_info=True)
         method = None
     if method is None or not callable(method):
         return

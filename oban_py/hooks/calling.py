@@ -67,6 +67,15 @@ async def _on_thread(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     return value
 
 
+def _cancel_requested() -> bool:
+    """True when this task has a cancel request pending (Python 3.10 cannot tell: assume it has)."""
+    task: Any = asyncio.current_task()
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return True if cancelling is None else bool(cancelling())
+
+
 async def call_contained(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -74,12 +83,15 @@ async def call_contained(
     limit: float,
     what: str,
     extra: dict[str, Any] | None = None,
+    swallow_cancel: bool = True,
 ) -> BaseException | None:
     """Call ``fn(*args)`` within ``limit`` seconds; return what it raised (logged), or None.
 
     A ``CancelledError`` that reaches here (the task was cancelled while the hook ran, or the hook
-    raised one) is swallowed too, with the task's cancel request withdrawn: the caller checks its own
-    stop reason afterwards. ``what`` names the hook in the log line.
+    raised one) is swallowed too, with the task's cancel request withdrawn: the caller (a job's
+    execution) checks its own stop reason afterwards. With ``swallow_cancel=False`` (lifecycle hooks,
+    whose caller may be under an outer timeout or cancellation) it propagates instead. ``what`` names
+    the hook in the log line.
     """
     scope: anyio.CancelScope | None = None
     try:
@@ -93,6 +105,8 @@ async def call_contained(
         return None
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError):
+            if not swallow_cancel and _cancel_requested():
+                raise  # an outer cancellation (a timeout, a shutdown): not the hook's to swallow
             uncancel()
             log.info("%s was interrupted", what, extra=extra)
         elif isinstance(exc, TimeoutError) and scope is not None and scope.cancel_called:

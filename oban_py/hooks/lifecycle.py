@@ -141,7 +141,11 @@ async def call_hooks(hooks: tuple[Callable[..., Any], ...], event: str) -> None:
     """Run resolved hooks in order; one that raises or hangs is logged and the next one runs."""
     for hook in hooks:
         await call_contained(
-            hook, (), limit=LIFECYCLE_TIMEOUT, what=f"{event} hook {describe_callable(hook)}"
+            hook,
+            (),
+            limit=LIFECYCLE_TIMEOUT,
+            what=f"{event} hook {describe_callable(hook)}",
+            swallow_cancel=False,
         )
 
 

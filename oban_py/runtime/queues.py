@@ -190,8 +190,15 @@ class QueueSet:
     def held(self) -> set[int]:
         """Ids of every job a producer of this node holds a claim on."""
         held = {i for p in self._all() for i in p.held()}
-        # A stopped queue's job whose body ignored its interrupt keeps its claim while it runs.
-        return held | {e.job.id for e in self.stopped_stuck if e.body_alive and e.job.id is not None}
+        # A stopped queue's job whose body ignored its interrupt keeps its claim while it runs. Once
+        # that body ends, its outcome has no producer to write it: the reconciler puts the job back and
+        # it runs again (at least once, as for a body stuck at shutdown; docs/guarantees.md).
+        return held | {e.job.id for e in self._still_stuck() if e.job.id is not None}
+
+    def _still_stuck(self) -> list[Execution]:
+        """Stopped queues' stuck executions whose bodies still run (the ended ones are dropped)."""
+        self.stopped_stuck = [e for e in self.stopped_stuck if e.body_alive]
+        return self.stopped_stuck
 
     def interrupt(self, job_id: int, reason: str) -> bool:
         return any(p.interrupt(job_id, reason) for p in self._all())
@@ -201,7 +208,7 @@ class QueueSet:
         return sum(p.revoke() for p in self._all())
 
     def stuck(self) -> list[Execution]:
-        return [*self.stopped_stuck, *(e for p in self._all() for e in p.stuck)]
+        return [*self._still_stuck(), *(e for p in self._all() for e in p.stuck)]
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ session, so a terminal's Ctrl-C reaches only the supervisor, which forwards it o
 Signals (as Solid Queue's supervisor):
 
 * TERM, INT: graceful. Children get TERM and drain for up to ``shutdown_timeout``; those still running
-  ``STOP_GRACE`` seconds later get QUIT. Exit status 0 when every child exited 0.
+  ``STOP_GRACE`` seconds later (plus ``LIFECYCLE_TIMEOUT`` per ``on_worker_stop`` hook, which a child
+  runs before it drains) get QUIT. The supervisor's own ``on_stop`` runs after the children are told.
+  Exit status 0 when every child exited 0.
 * QUIT, or a second TERM/INT: immediate. Children get QUIT (they exit at once and their running jobs are
   rescued by other nodes after ``rescue_after``); those still running ``QUIT_GRACE`` seconds later are
   killed. Exit status 1.
@@ -56,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ObanError
 from ..hooks import call_hooks, child_config, resolve_hooks
+from ..hooks.lifecycle import LIFECYCLE_TIMEOUT
 from .pidfile import Pidfile
 
 if TYPE_CHECKING:
@@ -274,16 +277,14 @@ class Supervisor:
             self._stop(immediate=False)
 
     def _run_on_stop(self) -> None:
-        """The ``on_stop`` hooks, once, when the supervisor starts stopping (before its children do)."""
+        """The ``on_stop`` hooks, once, when the supervisor starts stopping (its children are already
+        told to stop: a slow hook must not eat into their drain)."""
         if self._started:
             self._started = False
             asyncio.run(call_hooks(self._on_stop, "on_stop"))
 
     def _stop(self, *, immediate: bool) -> None:
-        self._run_on_stop()
         self._stopping = "immediate" if immediate else "graceful"
-        grace = QUIT_GRACE if immediate else self.config.shutdown_timeout + STOP_GRACE
-        self._deadline = time.monotonic() + grace
         if immediate:
             self._status = max(self._status, 1)
         for child in self.children:
@@ -291,6 +292,11 @@ class Supervisor:
             if child.proc is not None:
                 with contextlib.suppress(OSError):
                     child.proc.send_signal(signal.SIGQUIT if immediate else signal.SIGTERM)
+        self._run_on_stop()
+        # A child runs its on_worker_stop hooks (each bounded by LIFECYCLE_TIMEOUT) before it drains.
+        hooks = len(self.config.on_worker_stop) * LIFECYCLE_TIMEOUT
+        grace = QUIT_GRACE if immediate else self.config.shutdown_timeout + STOP_GRACE + hooks
+        self._deadline = time.monotonic() + grace
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

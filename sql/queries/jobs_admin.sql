@@ -5,15 +5,17 @@
 -- plan could use none of them.
 
 -- fragment: job_filter
--- The filters of list_jobs, for a row aliased `j`. The tags test repeats the tags index's predicate
--- (tags <> '{}') so the planner can prove the partial index applies.
-(:states::__prefix__.oban_job_state[] IS NULL OR j.state = ANY(:states::__prefix__.oban_job_state[]))
-AND (:queue::text IS NULL OR j.queue = :queue::text)
-AND (:worker::text IS NULL OR j.worker = :worker::text)
-AND (:args_contains::jsonb IS NULL OR j.args @> :args_contains::jsonb)
-AND (:tags::text[] IS NULL OR (j.tags @> :tags::text[] AND j.tags <> '{}'))
-AND (:ids::bigint[] IS NULL OR j.id = ANY(:ids::bigint[]))
-AND (:before_id::bigint IS NULL OR j.id < :before_id::bigint)
+-- The filters of list_jobs, for a row aliased `j` (match_*: their own names, so a statement can take
+-- them next to its own parameters). The filtered cancel/delete/retry/update repeat them in the statement
+-- that locks or deletes the rows, so a row that stopped matching since it was selected is left alone:
+-- under READ COMMITTED a locking read re-checks its WHERE on the row's newest version. The tags test
+-- repeats the tags index's predicate (tags <> '{}') so the planner can prove the partial index applies.
+(:match_states::__prefix__.oban_job_state[] IS NULL OR j.state = ANY(:match_states::__prefix__.oban_job_state[]))
+AND (:match_queue::text IS NULL OR j.queue = :match_queue::text)
+AND (:match_worker::text IS NULL OR j.worker = :match_worker::text)
+AND (:match_args::jsonb IS NULL OR j.args @> :match_args::jsonb)
+AND (:match_tags::text[] IS NULL OR (j.tags @> :match_tags::text[] AND j.tags <> '{}'))
+AND (:match_ids::bigint[] IS NULL OR j.id = ANY(:match_ids::bigint[]))
 
 -- name: job_list :many
 -- A page of jobs matching the filters, newest first (keyset: id < before_id). Two branches, because
@@ -25,17 +27,20 @@ SELECT {{job_columns}}
 FROM (
     (SELECT j.* FROM __prefix__.oban_jobs AS j
      WHERE :hot::boolean AND (j.state = 'available' OR j.state = 'executing') AND {{job_filter}}
+       AND (:before_id::bigint IS NULL OR j.id < :before_id::bigint)
      ORDER BY j.id DESC LIMIT :limit)
     UNION ALL
     (SELECT j.* FROM __prefix__.oban_jobs AS j
      WHERE :cold::boolean AND j.state NOT IN ('available', 'executing') AND {{job_filter}}
+       AND (:before_id::bigint IS NULL OR j.id < :before_id::bigint)
      ORDER BY j.id DESC LIMIT :limit)
 ) AS j
 ORDER BY j.id DESC
 LIMIT :limit
 
 -- name: job_list_ids :many
--- Every id matching the filters (the filtered retry/cancel/delete/update), by the same two branches.
+-- Every id matching the filters (the filtered retry/cancel/delete/update, whose statements then
+-- re-check the filter on the rows they lock), by the same two branches.
 SELECT j.id FROM __prefix__.oban_jobs AS j
 WHERE :hot::boolean AND (j.state = 'available' OR j.state = 'executing') AND {{job_filter}}
 UNION ALL
@@ -53,11 +58,12 @@ SET LOCAL plan_cache_mode = force_custom_plan
 -- available. A job that so re-enters its unique group comes back `parked`, for the caller to take its
 -- key back in the same transaction (or fail naming the holder). The unique key itself is not
 -- recomputed: it stays the one the job was inserted with. Rows are locked in (unique_key, id) order,
--- as every other writer takes them.
+-- as every other writer takes them; the filtered form passes its filter (match_*, NULL when by id)
+-- and rows that no longer match when locked are left out.
 WITH t AS (
     SELECT j.id, j.state AS was, j.queue AS was_queue
     FROM __prefix__.oban_jobs AS j
-    WHERE j.id = ANY(:ids::bigint[]) AND j.state IN ('available', 'scheduled')
+    WHERE j.id = ANY(:ids::bigint[]) AND j.state IN ('available', 'scheduled') AND {{job_filter}}
     ORDER BY j.unique_key, j.id
     FOR UPDATE
 )

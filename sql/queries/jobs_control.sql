@@ -1,4 +1,7 @@
--- Jobs by id, for the Oban facade: get, cancel, delete, retry, and making a queue due.
+-- Jobs by id, for the Oban facade: get, cancel, delete, retry, and making a queue due. Cancel, delete
+-- and retry also take the filter of their filtered form (job_filter's match_*, all NULL when called by
+-- id): the ids were selected by that filter beforehand, and a row that has stopped matching since (a
+-- completed job retried and started meanwhile) must be left alone. Their locking read re-checks it.
 
 -- name: job_cancel :many
 -- Cancel jobs that have not finished. A running job is not moved at once: its body may still run, so
@@ -11,7 +14,7 @@ WITH t AS (
     SELECT j.id, j.state AS was, j.claimed_by
     FROM __prefix__.oban_jobs AS j
     WHERE j.id = ANY(:ids::bigint[]) AND j.state NOT IN ('completed', 'discarded', 'cancelled')
-      AND NOT (j.state = 'executing' AND j.meta ? 'cancel_requested')
+      AND NOT (j.state = 'executing' AND j.meta ? 'cancel_requested') AND {{job_filter}}
     ORDER BY j.unique_key, j.id
     FOR UPDATE
 )
@@ -33,7 +36,7 @@ RETURNING j.id, t.was::text AS was, t.claimed_by, (j.unique_states & __parked__ 
 -- name: job_delete :many
 -- Delete jobs in any state; executing ones are returned so their process can stop the task.
 DELETE FROM __prefix__.oban_jobs AS j
-WHERE j.id = ANY(:ids::bigint[])
+WHERE j.id = ANY(:ids::bigint[]) AND {{job_filter}}
 RETURNING j.id, j.state::text AS was, j.claimed_by
 
 -- name: job_get :many
@@ -58,7 +61,7 @@ WHERE state IN ('scheduled', 'retryable') AND queue = :queue
 WITH t AS (
     SELECT j.id, j.state AS was, j.unique_key
     FROM __prefix__.oban_jobs AS j
-    WHERE j.id = ANY(:ids::bigint[]) AND j.state NOT IN ('available', 'executing')
+    WHERE j.id = ANY(:ids::bigint[]) AND j.state NOT IN ('available', 'executing') AND {{job_filter}}
     ORDER BY j.unique_key, j.id
     FOR UPDATE
 ),
@@ -96,6 +99,7 @@ RETURNING j.id, j.queue, (
     WHERE j.unique_key IS NOT NULL AND NOT __prefix__.oban_unique_holds(j.unique_states, j.state)
       AND h.unique_key = j.unique_key
       AND h.unique_key IS NOT NULL AND __prefix__.oban_unique_holds(h.unique_states, h.state)
-      AND (h.unique_expires_at IS NULL OR h.unique_expires_at > now()) AND h.id <> ALL(:ids::bigint[])
+      AND (h.unique_expires_at IS NULL OR h.unique_expires_at > now())
+      AND h.id NOT IN (SELECT t.id FROM t)  -- not one retried here (an id left out by the filter can hold)
     LIMIT 1
 ) AS holder

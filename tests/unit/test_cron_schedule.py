@@ -110,6 +110,18 @@ def test_bad_schedule_timezone_and_worker_name_their_key() -> None:
         load_tasks(config)
 
 
+@pytest.mark.parametrize("schedule", ["0 0 30 2 *", "0 0 31 4 *", "0 0 0 31 11 *"])
+def test_a_schedule_that_never_matches_is_a_config_error(schedule: str) -> None:
+    # croniter.is_valid accepts these; croniter then fails on every use, so the next tick is
+    # computed once, when the schedule is read.
+    base = {"worker": "unit_cron.Nightly", "schedule": schedule}
+    with pytest.raises(ConfigError, match=r"cron\.feb\.schedule.*never matches"):
+        build_config([("t", {"cron": {"feb": base}})])
+    with pytest.raises(ValueError, match="never matches"):
+        Schedule(schedule)
+    assert Schedule("0 0 29 2 *").next_after(utc(2026, 1, 1)) == utc(2028, 2, 29)  # rare is fine
+
+
 @pytest.fixture
 def forget_cron() -> Iterator[None]:
     """Decorator tasks are process-wide: a node started by a later test would schedule them."""

@@ -15,7 +15,7 @@ duty               runs on      does
 ``pruner``         leader       deletes old finished jobs
 ``unique_sweep``   leader       clears stale unique keys, settles parked rows
 ``vacuum``         leader       vacuums the jobs table past a dead-tuple threshold
-``scheduler``      leader       enqueues recurring (cron) tasks, once per tick (only with tasks)
+``scheduler``      with tasks   enqueues recurring (cron) tasks, once per tick (the unique key dedupes)
 =================  ===========  ========================================================================
 
 Each :class:`~.duty.Duty` has a frozen, validated config, a public ``run_once()`` and the shared

@@ -2,14 +2,15 @@
 
 Every node runs the rescuer, stager, controls, poller and reconciler; with ``leadership`` on (the
 default) it also contends for the leader lease and, while leader, runs the unique sweep, the pruner
-(unless ``prune_after`` is off) and the vacuum step (unless ``vacuum_interval`` is off). With recurring
-tasks (``[cron.<name>]`` or ``cron=`` on a worker) the leader runs the scheduler.
+(unless ``prune_after`` is off) and the vacuum step (unless ``vacuum_interval`` is off). A node with
+recurring tasks (``[cron.<name>]`` or ``cron=`` on a worker) runs the scheduler, leader or not: tasks
+belong to a process, and the leader may be a node (another service on the database) without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...cron.registry import load_tasks
@@ -84,8 +85,7 @@ class Roster:
                     )
                 )
         tasks = load_tasks(config)
-        if tasks:  # leader only; with leadership off every node schedules (the unique key dedupes)
-            cron_ctx = ctx if config.leadership else replace(ctx, is_leader=lambda: True)
+        if tasks:  # on every node that has tasks: each tick's unique key makes the others' inserts no-ops
             cron = SchedulerConfig(max_args_bytes=config.max_args_bytes, chunk_size=config.insert_chunk_size)
-            roster.all.append(Scheduler(cron_ctx, cron, tasks=tasks))
+            roster.all.append(Scheduler(ctx, cron, tasks=tasks))
         return roster

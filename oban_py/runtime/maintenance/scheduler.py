@@ -1,14 +1,18 @@
-"""Scheduler (leader only, or every node when ``leadership`` is off): enqueues recurring tasks' ticks.
+"""Scheduler (every node with recurring tasks): enqueues the tasks' ticks.
+
+Tasks belong to a process (its oban.toml and imported ``cron=`` workers), so the duty runs on every
+node that has tasks, not on the leader alone: the leader may be a node of another service on the same
+database, without these tasks. Running it on several nodes is what the design allows: each tick's job
+has a unique key, so the same tick inserted by two nodes (or repeated by a restarted one) is one job.
 
 Each run is one :func:`oban_py.cron.scheduler.run_pass` at the wall clock: one query for the tasks'
-states, one insert for the due ticks, one update of the states. Running it on the leader alone saves
-those queries on every other node; it is not what makes a tick run once (each tick's job has a unique
-key), so a deposed leader still mid-pass, or a second scheduler, inserts nothing twice. Ticks missed
-during a leader failover are younger than ``grace`` and enqueued late by the next leader.
+states (a primary-key probe per task), one insert for the due ticks (only when one is due), one update
+of the states. So a node with tasks costs the database one cheap query a second, and a due tick one
+insert attempt per such node. Ticks missed while no node ran (a restart, a slow database) are younger
+than ``grace`` and enqueued late by the next pass.
 
-Options: ``interval`` (1 s: the resolution of a seconds schedule; a minute schedule costs the same
-three cheap queries a second, only on the leader), ``grace`` (60 s: longer than a failover at the
-default ``heartbeat_interval``, whose leader ``ttl`` is 15 s). Emits ``duty.ran``.
+Options (fixed for a node's duty, not read from oban.toml; a duty built by hand takes others):
+``interval`` (1 s: the resolution of a seconds schedule), ``grace`` (60 s). Emits ``duty.ran``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class SchedulerConfig(DutyConfig):
 
 class Scheduler(Duty[SchedulerConfig]):
     name = "scheduler"
-    leader_only = True
+    leader_only = False  # every node with tasks: see the module docstring
 
     def __init__(self, ctx: DutyContext, config: SchedulerConfig, *, tasks: Mapping[str, CronTask]) -> None:
         super().__init__(ctx, config)
