@@ -147,17 +147,23 @@ class Node:
         self._meta_text = self._meta()
         sent = time.monotonic()
         await heartbeat(self.driver, instance=self.instance, node=self.name, meta=self._meta_text)
-        await self.controls.run_once()
-        self.lifeline.start(sent, self._meta_text)
-        self._meta_at = sent
-        self.guard.start()
-        if self.notifier is not None:
-            self.notifier.start()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.notifier.tried.wait(), LISTEN_WAIT)
-        for duty in self.duties:
-            duty.start()
-        self.queues.start()
+        try:
+            await self.controls.run_once()
+            self.lifeline.start(sent, self._meta_text)
+            self._meta_at = sent
+            self.guard.start()
+            if self.notifier is not None:
+                self.notifier.start()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.notifier.tried.wait(), LISTEN_WAIT)
+            for duty in self.duties:
+                duty.start()
+            self.queues.start()
+        except BaseException:
+            # Cancelled or failed part-way (a SIGTERM while LISTEN is slow, a caller's timeout): undo
+            # what runs, or a heartbeat thread would keep a dead node looking alive.
+            await self._abort_start()
+            raise
         self._started = True
         log.info(
             "node %s started: queues %s",
@@ -169,6 +175,21 @@ class Node:
             extra={"node": self.name, "instance": self.instance},
         )
         self.events.emit("node.started", node=self.name)
+
+    async def _abort_start(self) -> None:
+        """Stop what a failed start() had started; never raises (the start's own error wins)."""
+        try:
+            self.guard.stop()
+            for duty in self.duties:
+                await duty.stop()
+            if self.notifier is not None:
+                await self.notifier.stop()
+            await self.lifeline.stop()
+            await asyncio.wait_for(
+                self.driver.execute("node_delete", instance=self.instance), DEREGISTER_TIMEOUT
+            )
+        except BaseException:
+            log.debug("node %s: cleanup after a failed start was incomplete", self.name, exc_info=True)
 
     async def stop(self, shutdown_timeout: float | None = None) -> None:
         if not self._started:

@@ -330,9 +330,15 @@ class LeaseGuard:
             self._handle = None
 
     def _tick(self) -> None:
+        # Rescheduled first: a tick that failed half-way must not end the guard (the lifeline would
+        # then see a stalled loop and stop heartbeating, while this node never revoked its jobs).
+        self._handle = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._tick)
         now = time.monotonic()
         self.lifeline.loop_turned(now)
-        self.on_tick(now)
+        try:
+            self.on_tick(now)
+        except Exception:
+            log.exception("node %s: refreshing the node meta failed", self.node)
         age = self.lifeline.lease_age()
         lapsed, self.lifeline.lapsed = self.lifeline.lapsed, False
         if age > self.lifeline.lease or lapsed:
@@ -352,7 +358,6 @@ class LeaseGuard:
             self.revoked = False
             log.info("node %s: heartbeats resumed; taking jobs again", self.node, extra={"node": self.node})
             self.queues.notify_all()
-        self._handle = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._tick)
 
     def rejoined(self) -> None:
         """A heartbeat had to re-create this node's row: another node presumed it dead and may have run
