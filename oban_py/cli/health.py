@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..errors import MigrationError, ObanError
-from .common import Sub, add_common, config_from, print_json
+from .common import Sub, add_common, config_from, one_line, print_json
 
 __all__ = ["CONNECT_TIMEOUT", "TOTAL_TIMEOUT", "register"]
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         report = {"ok": False, "error": f"health check took longer than {TOTAL_TIMEOUT:g}s"}
     except ObanError as exc:
         if args.json:
-            print_json({"ok": False, "error": str(exc)})
+            print_json({"ok": False, "error": one_line(exc)})  # masked, like every CLI error line
             return 1
         raise
     if args.json:
