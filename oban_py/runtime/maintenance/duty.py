@@ -8,6 +8,7 @@ leader lease alone. See ``docs/architecture.md`` for how to add one.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -63,7 +64,7 @@ class DutyConfig(BaseModel):
 C = TypeVar("C", bound=DutyConfig)
 
 
-class Duty(Generic[C]):
+class Duty(abc.ABC, Generic[C]):
     """One maintenance duty of a node. Subclasses set ``name`` and implement :meth:`run_once`."""
 
     name: ClassVar[str]
@@ -87,9 +88,9 @@ class Duty(Generic[C]):
             reporter=ctx.reporter,
         )
 
+    @abc.abstractmethod
     async def run_once(self) -> None:
         """One pass of the duty (whatever the leadership: the periodic loop checks that)."""
-        raise NotImplementedError
 
     async def _run(self) -> None:
         await self.run_once()
